@@ -1,0 +1,56 @@
+"""Shared test setup: offline hub, one thread per worker, tiny random backbones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+PARITY_DIR = SHARED_DIR / "fixtures" / "official_parity"
+
+
+def tiny_vision_config(kind: str = "clip", **overrides):
+    """A 4-layer, width-64 backbone config of the given family ("clip", "dinov2", "dinov2_registers")."""
+    from transformers import CLIPVisionConfig, Dinov2Config, Dinov2WithRegistersConfig
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2, patch_size=14)
+    if kind == "clip":
+        return CLIPVisionConfig(**{**common, "image_size": 56, **overrides})
+    if kind == "dinov2":
+        common.pop("intermediate_size")
+        return Dinov2Config(**{**common, "mlp_ratio": 2, "image_size": 56, **overrides})
+    if kind == "dinov2_registers":
+        common.pop("intermediate_size")
+        return Dinov2WithRegistersConfig(**{**common, "mlp_ratio": 2, "image_size": 56, "num_register_tokens": 2, **overrides})
+    raise ValueError(kind)
+
+
+def tiny_visualad_config(kind: str = "clip", **overrides):
+    """VisualAD heads on a tiny backbone: 70 px input (5x5 grid), all four layers as feature layers."""
+    from visualad_hf import VisualADConfig
+
+    vision_overrides = overrides.pop("vision_overrides", {})
+    defaults = dict(feature_layers=[1, 2, 3, 4], image_size=70)
+    return VisualADConfig(vision_config=tiny_vision_config(kind, **vision_overrides), **{**defaults, **overrides})
+
+
+@pytest.fixture
+def tiny_config():
+    return tiny_visualad_config("clip")
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    from visualad_hf import VisualADModel
+
+    torch.manual_seed(0)
+    return VisualADModel(tiny_config).eval()
