@@ -1,0 +1,573 @@
+"""PyTorch VisualAD: language-free zero-shot anomaly detection on a frozen ViT (CVPR 2026).
+
+The computation follows the authors' released implementation (see `SPEC.md` §1–§5): two learnable tokens are put in
+front of a frozen backbone's sequence, each feature layer's patches are re-mapped by a Self-Alignment Function (SAF),
+the last-layer tokens are refined per layer by a Spatial-Aware Cross-Attention (SCA), and each layer's map is
+`cos(patch, anomaly) - cos(patch, normal)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_visualad import VisualADConfig
+
+# Loss constants of the released code (SPEC §5).
+FOCAL_GAMMA = 2.0
+FOCAL_SMOOTH = 1e-5
+DICE_SMOOTH = 1.0
+CONTRASTIVE_MARGIN = 0.5
+COSINE_EPS = 1e-8
+
+
+@dataclass
+class VisualADOutput(ModelOutput):
+    r"""
+    Output of [`VisualADModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            `loss_cls + loss_seg + loss_ctr` (the terms that could be computed), when `labels` or `masks` are given.
+        loss_cls (`torch.FloatTensor`, *optional*):
+            Binary cross-entropy of `image_logits` against the image labels.
+        loss_seg (`torch.FloatTensor`, *optional*):
+            Sum over feature layers of focal + dice loss of each upsampled layer map against the masks.
+        loss_ctr (`torch.FloatTensor`, *optional*):
+            Hinge on the cosine between the enhanced anomaly and normal tokens of the deepest feature layer.
+        anomaly_map (`torch.FloatTensor` of shape `(batch_size, height, width)`):
+            Sum of the layer maps, each upsampled bilinearly to the input size. Not smoothed: the image processor's
+            `post_process_anomaly_detection` applies the Gaussian smoothing used for inference scores.
+        layer_anomaly_maps (`torch.FloatTensor` of shape `(batch_size, num_feature_layers, grid_height, grid_width)`):
+            One map per feature layer on the patch grid, in the order of `config.feature_layers`.
+        image_logits (`torch.FloatTensor` of shape `(batch_size,)`):
+            Training-time image logit: mean of the top `topk_ratio` fraction of `anomaly_map`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_cls: torch.FloatTensor | None = None
+    loss_seg: torch.FloatTensor | None = None
+    loss_ctr: torch.FloatTensor | None = None
+    anomaly_map: torch.FloatTensor | None = None
+    layer_anomaly_maps: torch.FloatTensor | None = None
+    image_logits: torch.FloatTensor | None = None
+
+
+class VisualADTokens(nn.Module):
+    """The anomaly token `t_a` and the normal token `t_n`, placed in front of the backbone sequence.
+
+    Their position embedding is the backbone's CLS position embedding (the released code copies it and never trains
+    it); with `train_token_position_embeddings` each token gets its own learnable position instead.
+    """
+
+    def __init__(self, config: VisualADConfig):
+        super().__init__()
+        hidden_size = config.hidden_size
+        self.anomaly_token = nn.Parameter(torch.empty(hidden_size))
+        self.normal_token = nn.Parameter(torch.empty(hidden_size))
+        self.position_embeddings = (
+            nn.Parameter(torch.zeros(2, hidden_size)) if config.train_token_position_embeddings else None
+        )
+
+    def forward(self, batch_size: int, cls_position: torch.Tensor) -> torch.Tensor:
+        tokens = torch.stack([self.anomaly_token, self.normal_token])
+        positions = self.position_embeddings if self.position_embeddings is not None else cls_position
+        tokens = tokens + positions.to(tokens.dtype)
+        return tokens.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+class VisualADSpatialCrossAttention(nn.Module):
+    """Spatial-Aware Cross-Attention (SCA) of one feature layer (SPEC §2).
+
+    Learnable anchors attend over the layer's patches (keys carry a learnable position table); each token then takes a
+    sigmoid-gated mix of the anchor summaries as a scaled residual. The summaries do not depend on the token, so they
+    are computed once for both tokens.
+    """
+
+    def __init__(self, config: VisualADConfig):
+        super().__init__()
+        hidden_size = config.hidden_size
+        self.scale = hidden_size**-0.5
+        self.anchors = nn.Parameter(torch.empty(config.num_anchors, hidden_size))
+        self.position_embeddings = nn.Parameter(torch.empty(config.max_patches, hidden_size))
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.q_norm = nn.LayerNorm(hidden_size)
+        self.k_norm = nn.LayerNorm(hidden_size)
+        self.gate = nn.Linear(hidden_size, config.num_anchors)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.residual_scale = nn.Parameter(torch.empty(1))
+        self.dropout = nn.Dropout(config.sca_dropout)
+
+    def summarize(self, patches: torch.Tensor) -> torch.Tensor:
+        """Anchor summaries `U` of shape `(batch, num_anchors, hidden)` from patches `(batch, num_patches, hidden)`."""
+        num_patches = patches.shape[1]
+        if num_patches > self.position_embeddings.shape[0]:
+            raise ValueError(
+                f"{num_patches} patches exceed the SCA position table of {self.position_embeddings.shape[0]} rows "
+                "(config.max_patches); use a smaller input or a model with a larger max_patches."
+            )
+        queries = self.q_norm(self.q_proj(self.anchors))
+        keys = self.k_norm(self.k_proj(patches + self.position_embeddings[:num_patches]))
+        values = self.v_proj(patches)
+        weights = torch.softmax(torch.matmul(keys, queries.T).transpose(1, 2) * self.scale, dim=-1)
+        return torch.matmul(self.dropout(weights), values)
+
+    def forward(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Enhance `tokens` `(batch, num_tokens, hidden)` with the layer's `patches`."""
+        summaries = self.summarize(patches)
+        gates = torch.sigmoid(self.gate(tokens))
+        mixed = torch.matmul(gates, summaries)
+        return tokens + self.residual_scale * self.dropout(self.out_proj(mixed))
+
+
+class VisualADSelfAlignmentMLP(nn.Module):
+    """SAF `"mlp"` (released): Linear → GELU → Dropout → Linear → Dropout, no residual."""
+
+    def __init__(self, config: VisualADConfig):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.saf_hidden_size or config.hidden_size
+        self.fc1 = nn.Linear(hidden, inner)
+        self.fc2 = nn.Linear(inner, hidden)
+        self.activation = nn.GELU()
+        self.dropout = nn.Dropout(config.saf_dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.activation(self.fc1(hidden_states)))
+        return self.dropout(self.fc2(hidden_states))
+
+
+class VisualADSelfAlignmentLinear(nn.Module):
+    """SAF `"linear"`: one Linear followed by dropout."""
+
+    def __init__(self, config: VisualADConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.saf_dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc(hidden_states))
+
+
+class VisualADSelfAlignmentResidualMLP(nn.Module):
+    """SAF `"mlp_residual"`: `x + MLP(LayerNorm(x))`."""
+
+    def __init__(self, config: VisualADConfig):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(config.hidden_size)
+        self.mlp = VisualADSelfAlignmentMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.mlp(self.layer_norm(hidden_states))
+
+
+class VisualADSelfAlignmentAdapter(nn.Module):
+    """SAF `"adapter"`: `x + s * up(GELU(z) * sigmoid(gate(z)))` with `z = down(LayerNorm(x))`; `up` starts at zero."""
+
+    def __init__(self, config: VisualADConfig):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.saf_hidden_size or config.hidden_size
+        self.layer_norm = nn.LayerNorm(hidden)
+        self.down = nn.Linear(hidden, inner)
+        self.gate = nn.Linear(inner, inner)
+        self.up = nn.Linear(inner, hidden)
+        self.activation = nn.GELU()
+        self.dropout = nn.Dropout(config.saf_dropout)
+        self.scale = nn.Parameter(torch.empty(1))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        reduced = self.down(self.layer_norm(hidden_states))
+        mixed = self.activation(reduced) * torch.sigmoid(self.gate(reduced))
+        return hidden_states + self.scale * self.dropout(self.up(mixed))
+
+
+class VisualADSelfAlignmentLeakyReLU(nn.Module):
+    """SAF `"leakyrelu"`: (Linear → LeakyReLU(0.01) → Dropout) twice."""
+
+    def __init__(self, config: VisualADConfig):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.saf_hidden_size or config.hidden_size
+        self.fc1 = nn.Linear(hidden, inner)
+        self.fc2 = nn.Linear(inner, hidden)
+        self.activation = nn.LeakyReLU(0.01)
+        self.dropout = nn.Dropout(config.saf_dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.activation(self.fc1(hidden_states)))
+        return self.dropout(self.activation(self.fc2(hidden_states)))
+
+
+SELF_ALIGNMENT_CLASSES = {
+    "mlp": VisualADSelfAlignmentMLP,
+    "linear": VisualADSelfAlignmentLinear,
+    "mlp_residual": VisualADSelfAlignmentResidualMLP,
+    "adapter": VisualADSelfAlignmentAdapter,
+    "leakyrelu": VisualADSelfAlignmentLeakyReLU,
+}
+
+
+def topk_mean(maps: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Mean of the largest `ceil(ratio * H * W)` values of each map in `(batch, H, W)`."""
+    flat = maps.flatten(1)
+    k = max(1, math.ceil(ratio * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def focal_loss(probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Two-class focal loss of the released code on anomaly probabilities `p` and binary targets (SPEC §5)."""
+    anomalous = targets.clamp(FOCAL_SMOOTH, 1.0 - FOCAL_SMOOTH)
+    p_t = anomalous * probabilities + (1.0 - anomalous) * (1.0 - probabilities) + FOCAL_SMOOTH
+    return (-((1.0 - p_t) ** FOCAL_GAMMA) * p_t.log()).mean()
+
+
+def dice_loss(probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Soft dice loss on the anomaly channel, averaged over images (SPEC §5)."""
+    probabilities, targets = probabilities.flatten(1), targets.flatten(1)
+    intersection = (probabilities * targets).sum(1)
+    dice = (2.0 * intersection + DICE_SMOOTH) / (probabilities.sum(1) + targets.sum(1) + DICE_SMOOTH)
+    return 1.0 - dice.mean()
+
+
+class VisualADPreTrainedModel(PreTrainedModel):
+    config_class = VisualADConfig
+    config: VisualADConfig
+    # Lets `from_pretrained(<plain CLIP/DINOv2 checkpoint>, config=...)` land the weights in `self.backbone`.
+    base_model_prefix = "backbone"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CLIPEncoderLayer", "Dinov2Layer", "Dinov2WithRegistersLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        config = self.config
+        if isinstance(module, VisualADTokens):
+            std = config.token_init_std or 0.1 / math.sqrt(config.hidden_size)
+            nn.init.normal_(module.anomaly_token, std=std)
+            nn.init.normal_(module.normal_token, std=std)
+        elif isinstance(module, VisualADSpatialCrossAttention):
+            nn.init.normal_(module.anchors, std=config.initializer_range)
+            nn.init.normal_(module.position_embeddings, std=config.initializer_range)
+            for projection in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+                nn.init.xavier_uniform_(projection.weight)
+            nn.init.zeros_(module.out_proj.bias)
+            module.gate.reset_parameters()
+            module.q_norm.reset_parameters()
+            module.k_norm.reset_parameters()
+            nn.init.constant_(module.residual_scale, config.res_scale_init)
+        elif isinstance(module, (VisualADSelfAlignmentMLP, VisualADSelfAlignmentLinear)):
+            for linear in (m for m in module.children() if isinstance(m, nn.Linear)):
+                nn.init.xavier_uniform_(linear.weight)
+                nn.init.zeros_(linear.bias)
+        elif isinstance(module, VisualADSelfAlignmentResidualMLP):
+            module.layer_norm.reset_parameters()
+        elif isinstance(module, VisualADSelfAlignmentAdapter):
+            module.layer_norm.reset_parameters()
+            for linear in (module.down, module.gate):
+                nn.init.xavier_uniform_(linear.weight)
+                nn.init.zeros_(linear.bias)
+            nn.init.zeros_(module.up.weight)
+            nn.init.zeros_(module.up.bias)
+            nn.init.constant_(module.scale, 1e-3)
+        elif isinstance(module, VisualADSelfAlignmentLeakyReLU):
+            for linear in (module.fc1, module.fc2):
+                nn.init.kaiming_uniform_(linear.weight, a=0.01, nonlinearity="leaky_relu")
+                nn.init.zeros_(linear.bias)
+
+
+class VisualADModel(VisualADPreTrainedModel):
+    """VisualAD: a frozen ViT backbone plus the trainable tokens, final LayerNorm, SCA and SAF modules.
+
+    Only the tokens, the backbone's final LayerNorm and the per-layer SCA/SAF modules are trainable; the rest of the
+    backbone is frozen but stays differentiable, so gradients reach the tokens through it.
+    """
+
+    def __init__(self, config: VisualADConfig):
+        super().__init__(config)
+        from transformers import AutoModel
+
+        self.backbone = AutoModel.from_config(config.vision_config)
+        self.tokens = VisualADTokens(config)
+        self.spatial_cross_attention = nn.ModuleList(
+            VisualADSpatialCrossAttention(config) for _ in config.feature_layers
+        )
+        saf_class = SELF_ALIGNMENT_CLASSES[config.saf_type]
+        self.self_alignment = nn.ModuleList(saf_class(config) for _ in config.feature_layers)
+        self.post_init()
+        self.freeze_backbone()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Backbone access: the two families keep the same parts under different names.
+
+    @property
+    def _is_clip(self) -> bool:
+        return self.config.vision_config.model_type == "clip_vision_model"
+
+    @property
+    def backbone_layers(self) -> nn.ModuleList:
+        return self.backbone.encoder.layers if self._is_clip else self.backbone.encoder.layer
+
+    @property
+    def final_layernorm(self) -> nn.LayerNorm:
+        """The backbone's final LayerNorm (CLIP `post_layernorm`, DINOv2 `layernorm`); trainable in VisualAD."""
+        return self.backbone.post_layernorm if self._is_clip else self.backbone.layernorm
+
+    def _position_table(self) -> torch.Tensor:
+        """The backbone's position embeddings `(1 + num_positions, hidden)`, CLS row first."""
+        embeddings = self.backbone.embeddings
+        return embeddings.position_embedding.weight if self._is_clip else embeddings.position_embeddings[0]
+
+    def freeze_backbone(self) -> None:
+        """Freeze the backbone except its final LayerNorm (SPEC §6)."""
+        self.backbone.requires_grad_(False)
+        self.final_layernorm.requires_grad_(True)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by part, for per-part learning rates (SPEC §6: tokens 1e-3, the rest 1e-4)."""
+        return {
+            "tokens": [p for p in self.tokens.parameters() if p.requires_grad],
+            "final_layernorm": [p for p in self.final_layernorm.parameters() if p.requires_grad],
+            "spatial_cross_attention": [p for p in self.spatial_cross_attention.parameters() if p.requires_grad],
+            "self_alignment": [p for p in self.self_alignment.parameters() if p.requires_grad],
+        }
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone input sequence `[CLS, registers…, patches]` with positions, and the CLS position embedding."""
+        embeddings = self.backbone.embeddings
+        table = self._position_table()
+        cls_position = table[0]
+        mode = self.config.resolved_position_interpolation
+        if mode == "backbone":
+            if self._is_clip:
+                return embeddings(pixel_values, interpolate_pos_encoding=True), cls_position
+            return embeddings(pixel_values), cls_position
+
+        batch_size, _, height, width = pixel_values.shape
+        grid = (height // self.config.patch_size, width // self.config.patch_size)
+        native = math.isqrt(table.shape[0] - 1)
+        patch_positions = table[1:]
+        if (native, native) != grid:
+            resized = F.interpolate(
+                patch_positions.float().reshape(1, native, native, -1).permute(0, 3, 1, 2),
+                size=grid,
+                mode=mode,
+                align_corners=False,
+            )
+            patch_positions = resized.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(table.dtype)
+        positions = torch.cat([cls_position[None], patch_positions])
+
+        if self._is_clip:
+            weight = embeddings.patch_embedding.weight
+            patches = embeddings.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
+            cls = embeddings.class_embedding.expand(batch_size, 1, -1)
+            return torch.cat([cls, patches], dim=1) + positions, cls_position
+
+        patches = embeddings.patch_embeddings(pixel_values)
+        sequence = torch.cat([embeddings.cls_token.expand(batch_size, -1, -1), patches], dim=1) + positions
+        if hasattr(embeddings, "register_tokens"):
+            registers = embeddings.register_tokens.expand(batch_size, -1, -1)
+            sequence = torch.cat([sequence[:, :1], registers, sequence[:, 1:]], dim=1)
+        return embeddings.dropout(sequence), cls_position
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}; "
+                "prepare images with VisualADImageProcessor."
+            )
+        height, width = pixel_values.shape[-2:]
+        patch = self.config.patch_size
+        if height % patch or width % patch:
+            raise ValueError(
+                f"Input size {height}x{width} is not a multiple of the patch size {patch}; "
+                f"resize to a multiple (the model was configured for {self.config.image_size}x{self.config.image_size})."
+            )
+        return height // patch, width // patch
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> VisualADOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+                Images prepared by [`VisualADImageProcessor`]; height and width must be multiples of the patch size.
+            labels (`torch.Tensor` of shape `(batch_size,)`, *optional*):
+                Image labels (0 normal, 1 anomalous) for the classification loss. Derived from `masks` when omitted.
+            masks (`torch.Tensor` of shape `(batch_size, height, width)`, *optional*):
+                Ground-truth masks for the segmentation loss; resized bilinearly to the input size when they differ,
+                then thresholded at 0.5. Normal images have all-zero masks.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        grid_height, grid_width = self._check_pixel_values(pixel_values)
+        batch_size, _, height, width = pixel_values.shape
+
+        sequence, cls_position = self._embed(pixel_values)
+        tokens = self.tokens(batch_size, cls_position).to(sequence.dtype)
+        hidden_states = torch.cat([tokens, sequence], dim=1)
+        if self._is_clip:
+            hidden_states = self.backbone.pre_layrnorm(hidden_states)
+
+        feature_layers = self.config.feature_layers
+        kept: dict[int, torch.Tensor] = {}
+        for index, layer in enumerate(self.backbone_layers, start=1):
+            hidden_states = layer(hidden_states, None)  # positional: gradient checkpointing wraps it
+            if index in feature_layers:
+                kept[index] = hidden_states
+
+        layernorm = self.final_layernorm
+        patch_start = 2 + self.config.num_prefix_tokens
+        token_features = layernorm(hidden_states[:, :2])
+        layer_maps, enhanced_tokens = [], []
+        for layer, cross_attention, self_alignment in zip(
+            feature_layers, self.spatial_cross_attention, self.self_alignment
+        ):
+            patches = layernorm(kept[layer][:, patch_start:])
+            enhanced = F.normalize(cross_attention(token_features, patches), dim=-1, eps=COSINE_EPS)
+            aligned = F.normalize(self_alignment(patches), dim=-1, eps=COSINE_EPS)
+            similarity = torch.matmul(aligned, enhanced.transpose(1, 2))
+            layer_maps.append((similarity[..., 0] - similarity[..., 1]).reshape(batch_size, grid_height, grid_width))
+            enhanced_tokens.append(enhanced)
+
+        layer_anomaly_maps = torch.stack(layer_maps, dim=1)
+        upsampled = F.interpolate(layer_anomaly_maps, size=(height, width), mode="bilinear", align_corners=False)
+        anomaly_map = upsampled.sum(dim=1)
+        image_logits = topk_mean(anomaly_map, self.config.topk_ratio)
+
+        loss = loss_cls = loss_seg = loss_ctr = None
+        if labels is not None or masks is not None:
+            deepest = enhanced_tokens[max(range(len(feature_layers)), key=lambda i: feature_layers[i])]
+            loss_cls, loss_seg, loss_ctr = self._losses(upsampled, image_logits, deepest, labels, masks)
+            loss = sum(term for term in (loss_cls, loss_seg, loss_ctr) if term is not None)
+
+        output = VisualADOutput(
+            loss=loss,
+            loss_cls=loss_cls,
+            loss_seg=loss_seg,
+            loss_ctr=loss_ctr,
+            anomaly_map=anomaly_map,
+            layer_anomaly_maps=layer_anomaly_maps,
+            image_logits=image_logits,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _losses(
+        self,
+        upsampled_maps: torch.Tensor,
+        image_logits: torch.Tensor,
+        deepest_tokens: torch.Tensor,
+        labels: torch.Tensor | None,
+        masks: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """`L_cls`, `L_seg` (None without masks) and `L_ctr` of SPEC §5."""
+        size = upsampled_maps.shape[-2:]
+        if masks is not None:
+            masks = masks.to(upsampled_maps.dtype)
+            if masks.ndim == 4:
+                masks = masks[:, 0]
+            if masks.shape[-2:] != size:
+                masks = F.interpolate(masks[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+            masks = (masks > 0.5).to(upsampled_maps.dtype)
+            if labels is None:
+                labels = masks.flatten(1).amax(dim=1)
+
+        loss_cls = F.binary_cross_entropy_with_logits(image_logits, labels.to(image_logits.dtype))
+        loss_seg = None
+        if masks is not None:
+            probabilities = torch.sigmoid(upsampled_maps)
+            loss_seg = sum(
+                focal_loss(probabilities[:, i], masks) + dice_loss(probabilities[:, i], masks)
+                for i in range(probabilities.shape[1])
+            )
+        cosine = F.cosine_similarity(deepest_tokens[:, 0], deepest_tokens[:, 1], dim=-1)
+        loss_ctr = F.relu(cosine + CONTRASTIVE_MARGIN).mean()
+        return loss_cls, loss_seg, loss_ctr
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_backbone(
+        cls,
+        pretrained_backbone: str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        cache_dir: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        **config_overrides,
+    ) -> VisualADModel:
+        """Fresh VisualAD heads on a pretrained backbone.
+
+        Args:
+            pretrained_backbone: a Hub id (e.g. `openai/clip-vit-large-patch14-336`, `facebook/dinov2-large`) or a local
+                folder with a CLIP, CLIP-vision, DINOv2 or DINOv2-with-registers checkpoint.
+            dtype: parameter dtype (fp32 by default, the training precision of the released runs).
+            **config_overrides: `VisualADConfig` fields, e.g. `feature_layers=[6, 12, 18, 24]`, `image_size=518`.
+        """
+        hub_kwargs = dict(cache_dir=cache_dir, revision=revision, token=token, local_files_only=local_files_only)
+        try:
+            backbone_config = AutoConfig.from_pretrained(pretrained_backbone, **hub_kwargs)
+        except OSError as error:
+            raise OSError(_backbone_load_hint(pretrained_backbone, error)) from error
+        backbone_config = _vision_config_of(backbone_config, pretrained_backbone)
+        config = VisualADConfig(vision_config=backbone_config, **config_overrides)
+        try:
+            model, info = cls.from_pretrained(
+                pretrained_backbone, config=config, dtype=dtype, output_loading_info=True, **hub_kwargs
+            )
+        except OSError as error:
+            raise OSError(_backbone_load_hint(pretrained_backbone, error)) from error
+        missing_backbone = sorted(key for key in info["missing_keys"] if key.startswith("backbone."))
+        if missing_backbone:
+            raise ValueError(
+                f"{pretrained_backbone!r} did not provide {len(missing_backbone)} backbone weights, e.g. "
+                f"{missing_backbone[:5]}; is it a {backbone_config.model_type} checkpoint?"
+            )
+        if model.tokens.position_embeddings is not None:
+            with torch.no_grad():
+                model.tokens.position_embeddings.copy_(model._position_table()[0].expand(2, -1))
+        model.freeze_backbone()
+        return model
+
+
+def _vision_config_of(config: PreTrainedConfig, source: str) -> PreTrainedConfig:
+    """The vision part of a backbone config (a full CLIP config holds it as `vision_config`)."""
+    if config.model_type == "clip":
+        return config.vision_config
+    if config.model_type in ("clip_vision_model", "dinov2", "dinov2_with_registers"):
+        return config
+    raise ValueError(
+        f"{source!r} is a {config.model_type!r} model; VisualAD needs a CLIP vision or DINOv2 backbone "
+        "(e.g. openai/clip-vit-large-patch14-336 or facebook/dinov2-large)."
+    )
+
+
+def _backbone_load_hint(source: str, error: Exception) -> str:
+    from huggingface_hub import is_offline_mode
+
+    reason = "offline mode (HF_HUB_OFFLINE=1) forbids downloading it" if is_offline_mode() else "it could not be downloaded"
+    return (
+        f"Could not load the backbone {source!r}: it is not a local folder, it is not in the Hugging Face cache, and "
+        f"{reason}. Download it once where there is network (`hf download {source}`), or pass the path of a local "
+        f"folder with its config.json and weights. (Underlying error: {type(error).__name__}: {str(error)[:300]})"
+    )
+
+
+__all__ = ["VisualADModel", "VisualADOutput", "VisualADPreTrainedModel"]
