@@ -15,9 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
 from transformers.utils import ModelOutput
+from transformers.utils import logging as transformers_logging
 
 from .configuration_visualad import VisualADConfig
+
+logger = transformers_logging.get_logger(__name__)
 
 # Loss constants of the released code (SPEC §5).
 FOCAL_GAMMA = 2.0
@@ -248,41 +252,57 @@ class VisualADPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers skips, for code outside the library, modules without parameters of their own (e.g. the SAF
+        # MLP container), assuming their children were initialised. Our `_init_weights` initialises children from the
+        # container and only through guarded `init` functions (which never overwrite loaded tensors), so opt out.
+        super()._initialize_weights(module, is_custom_code=False)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         config = self.config
         if isinstance(module, VisualADTokens):
             std = config.token_init_std or 0.1 / math.sqrt(config.hidden_size)
-            nn.init.normal_(module.anomaly_token, std=std)
-            nn.init.normal_(module.normal_token, std=std)
+            init.normal_(module.anomaly_token, std=std)
+            init.normal_(module.normal_token, std=std)
+            if module.position_embeddings is not None:
+                init.zeros_(module.position_embeddings)  # set to the CLS position by `from_backbone`
         elif isinstance(module, VisualADSpatialCrossAttention):
-            nn.init.normal_(module.anchors, std=config.initializer_range)
-            nn.init.normal_(module.position_embeddings, std=config.initializer_range)
+            init.normal_(module.anchors, std=config.initializer_range)
+            init.normal_(module.position_embeddings, std=config.initializer_range)
             for projection in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
-                nn.init.xavier_uniform_(projection.weight)
-            nn.init.zeros_(module.out_proj.bias)
-            module.gate.reset_parameters()
-            module.q_norm.reset_parameters()
-            module.k_norm.reset_parameters()
-            nn.init.constant_(module.residual_scale, config.res_scale_init)
+                init.xavier_uniform_(projection.weight)
+            init.zeros_(module.out_proj.bias)
+            _init_linear_like_torch(module.gate)
+            for norm in (module.q_norm, module.k_norm):
+                init.ones_(norm.weight)
+                init.zeros_(norm.bias)
+            init.constant_(module.residual_scale, config.res_scale_init)
         elif isinstance(module, (VisualADSelfAlignmentMLP, VisualADSelfAlignmentLinear)):
             for linear in (m for m in module.children() if isinstance(m, nn.Linear)):
-                nn.init.xavier_uniform_(linear.weight)
-                nn.init.zeros_(linear.bias)
-        elif isinstance(module, VisualADSelfAlignmentResidualMLP):
-            module.layer_norm.reset_parameters()
+                init.xavier_uniform_(linear.weight)
+                init.zeros_(linear.bias)
         elif isinstance(module, VisualADSelfAlignmentAdapter):
-            module.layer_norm.reset_parameters()
             for linear in (module.down, module.gate):
-                nn.init.xavier_uniform_(linear.weight)
-                nn.init.zeros_(linear.bias)
-            nn.init.zeros_(module.up.weight)
-            nn.init.zeros_(module.up.bias)
-            nn.init.constant_(module.scale, 1e-3)
+                init.xavier_uniform_(linear.weight)
+                init.zeros_(linear.bias)
+            init.zeros_(module.up.weight)
+            init.zeros_(module.up.bias)
+            init.constant_(module.scale, 1e-3)
         elif isinstance(module, VisualADSelfAlignmentLeakyReLU):
             for linear in (module.fc1, module.fc2):
-                nn.init.kaiming_uniform_(linear.weight, a=0.01, nonlinearity="leaky_relu")
-                nn.init.zeros_(linear.bias)
+                init.kaiming_uniform_(linear.weight, a=0.01, nonlinearity="leaky_relu")
+                init.zeros_(linear.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+def _init_linear_like_torch(linear: nn.Linear) -> None:
+    """PyTorch's default `nn.Linear` initialisation, through the guarded `init` functions."""
+    init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+    bound = 1 / math.sqrt(linear.in_features)
+    init.uniform_(linear.bias, -bound, bound)
 
 
 class VisualADModel(VisualADPreTrainedModel):
@@ -381,6 +401,22 @@ class VisualADModel(VisualADPreTrainedModel):
             sequence = torch.cat([sequence[:, :1], registers, sequence[:, 1:]], dim=1)
         return embeddings.dropout(sequence), cls_position
 
+    def run_backbone_layers(
+        self, hidden_states: torch.Tensor, keep_layers: list[int]
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Run the backbone's pre-LayerNorm (CLIP) and all its layers, unchanged, on any token sequence.
+
+        Returns the sequences after each 1-indexed layer in `keep_layers` and the sequence after the last layer.
+        """
+        if self._is_clip:
+            hidden_states = self.backbone.pre_layrnorm(hidden_states)
+        kept: dict[int, torch.Tensor] = {}
+        for index, layer in enumerate(self.backbone_layers, start=1):
+            hidden_states = layer(hidden_states, None)  # positional: gradient checkpointing wraps it
+            if index in keep_layers:
+                kept[index] = hidden_states
+        return kept, hidden_states
+
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
@@ -420,16 +456,8 @@ class VisualADModel(VisualADPreTrainedModel):
 
         sequence, cls_position = self._embed(pixel_values)
         tokens = self.tokens(batch_size, cls_position).to(sequence.dtype)
-        hidden_states = torch.cat([tokens, sequence], dim=1)
-        if self._is_clip:
-            hidden_states = self.backbone.pre_layrnorm(hidden_states)
-
         feature_layers = self.config.feature_layers
-        kept: dict[int, torch.Tensor] = {}
-        for index, layer in enumerate(self.backbone_layers, start=1):
-            hidden_states = layer(hidden_states, None)  # positional: gradient checkpointing wraps it
-            if index in feature_layers:
-                kept[index] = hidden_states
+        kept, hidden_states = self.run_backbone_layers(torch.cat([tokens, sequence], dim=1), feature_layers)
 
         layernorm = self.final_layernorm
         patch_start = 2 + self.config.num_prefix_tokens
@@ -502,6 +530,14 @@ class VisualADModel(VisualADPreTrainedModel):
     # ----------------------------------------------------------------------------------------------------------------
 
     @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading replaces parameters and drops `requires_grad=False`; freeze the backbone again.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_backbone()
+        return loaded
+
+    @classmethod
     def from_backbone(
         cls,
         pretrained_backbone: str,
@@ -528,22 +564,32 @@ class VisualADModel(VisualADPreTrainedModel):
             raise OSError(_backbone_load_hint(pretrained_backbone, error)) from error
         backbone_config = _vision_config_of(backbone_config, pretrained_backbone)
         config = VisualADConfig(vision_config=backbone_config, **config_overrides)
+        # The heads are missing from a backbone checkpoint by design: replace transformers' load report by our check.
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
         try:
             model, info = cls.from_pretrained(
                 pretrained_backbone, config=config, dtype=dtype, output_loading_info=True, **hub_kwargs
             )
         except OSError as error:
             raise OSError(_backbone_load_hint(pretrained_backbone, error)) from error
+        finally:
+            transformers_logging.set_verbosity(verbosity)
         missing_backbone = sorted(key for key in info["missing_keys"] if key.startswith("backbone."))
         if missing_backbone:
             raise ValueError(
                 f"{pretrained_backbone!r} did not provide {len(missing_backbone)} backbone weights, e.g. "
                 f"{missing_backbone[:5]}; is it a {backbone_config.model_type} checkpoint?"
             )
+        logger.info(
+            "Loaded backbone %s; initialised %d VisualAD head tensors; ignored %d unrelated checkpoint tensors.",
+            pretrained_backbone,
+            len(info["missing_keys"]),
+            len(info["unexpected_keys"]),
+        )
         if model.tokens.position_embeddings is not None:
             with torch.no_grad():
                 model.tokens.position_embeddings.copy_(model._position_table()[0].expand(2, -1))
-        model.freeze_backbone()
         return model
 
 
