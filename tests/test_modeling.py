@@ -429,3 +429,22 @@ def _comparable(config) -> dict:
         return {k: clean(v) if isinstance(v, dict) else v for k, v in d.items() if k not in ("_name_or_path", "dtype")}
 
     return clean(config.to_dict())
+
+
+def test_spatial_cross_attention_matches_spec_formula():
+    """SPEC §2 written literally (values projected per patch, U computed once per token) equals our module."""
+    model = _model("clip")
+    sca = model.spatial_cross_attention[0].eval()
+    with torch.no_grad():
+        sca.residual_scale.fill_(0.7)  # make the residual branch visible
+        tokens, patches = torch.randn(3, 2, 64), torch.randn(3, 25, 64)
+        q = sca.q_norm(sca.anchors @ sca.q_proj.weight.T)
+        k = sca.k_norm((patches + sca.position_embeddings[:25]) @ sca.k_proj.weight.T)
+        v = patches @ sca.v_proj.weight.T
+        u = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(64), dim=-1) @ v
+        expected = []
+        for t in range(2):
+            g = torch.sigmoid(sca.gate(tokens[:, t]))
+            mixed = (g[:, :, None] * u).sum(1)
+            expected.append(tokens[:, t] + 0.7 * sca.out_proj(mixed))
+        torch.testing.assert_close(sca(tokens, patches), torch.stack(expected, 1), atol=1e-5, rtol=1e-5)

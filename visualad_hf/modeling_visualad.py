@@ -120,9 +120,10 @@ class VisualADSpatialCrossAttention(nn.Module):
             )
         queries = self.q_norm(self.q_proj(self.anchors))
         keys = self.k_norm(self.k_proj(patches + self.position_embeddings[:num_patches]))
-        values = self.v_proj(patches)
         weights = torch.softmax(torch.matmul(keys, queries.T).transpose(1, 2) * self.scale, dim=-1)
-        return torch.matmul(self.dropout(weights), values)
+        # weights @ (patches @ W_v) == (weights @ patches) @ W_v (v_proj has no bias): projecting the num_anchors
+        # summaries instead of all patches saves num_patches / num_anchors of the value projection's work.
+        return self.v_proj(torch.matmul(self.dropout(weights), patches))
 
     def forward(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """Enhance `tokens` `(batch, num_tokens, hidden)` with the layer's `patches`."""
