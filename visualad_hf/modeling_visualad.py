@@ -562,7 +562,7 @@ class VisualADModel(VisualADPreTrainedModel):
         try:
             backbone_config = AutoConfig.from_pretrained(pretrained_backbone, **hub_kwargs)
         except OSError as error:
-            raise OSError(_backbone_load_hint(pretrained_backbone, error)) from error
+            raise OSError(backbone_load_error_message(pretrained_backbone, error)) from error
         backbone_config = _vision_config_of(backbone_config, pretrained_backbone)
         config = VisualADConfig(vision_config=backbone_config, **config_overrides)
         # The heads are missing from a backbone checkpoint by design: replace transformers' load report by our check.
@@ -573,7 +573,7 @@ class VisualADModel(VisualADPreTrainedModel):
                 pretrained_backbone, config=config, dtype=dtype, output_loading_info=True, **hub_kwargs
             )
         except OSError as error:
-            raise OSError(_backbone_load_hint(pretrained_backbone, error)) from error
+            raise OSError(backbone_load_error_message(pretrained_backbone, error)) from error
         finally:
             transformers_logging.set_verbosity(verbosity)
         missing_backbone = sorted(key for key in info["missing_keys"] if key.startswith("backbone."))
@@ -606,7 +606,7 @@ def _vision_config_of(config: PreTrainedConfig, source: str) -> PreTrainedConfig
     )
 
 
-def _backbone_load_hint(source: str, error: Exception) -> str:
+def backbone_load_error_message(source: str, error: Exception) -> str:
     from huggingface_hub import is_offline_mode
 
     reason = "offline mode (HF_HUB_OFFLINE=1) forbids downloading it" if is_offline_mode() else "it could not be downloaded"
@@ -617,4 +617,4 @@ def _backbone_load_hint(source: str, error: Exception) -> str:
     )
 
 
-__all__ = ["VisualADModel", "VisualADOutput", "VisualADPreTrainedModel"]
+__all__ = ["VisualADModel", "VisualADOutput", "VisualADPreTrainedModel", "backbone_load_error_message"]

@@ -1,0 +1,307 @@
+"""Model cards for VisualAD folders: Hub metadata (with a `model-index` from evaluation results) and a readable body.
+
+`create_model_card` fills `resources/model_card_template.md`. It serves both kinds of folders: the authors' released
+weights after `visualad convert` (`source="converted"`) and models trained with this package (`source="trained"`).
+The paper's reported numbers appear in their own, labelled table and never in the `model-index`, which holds only
+results measured on this model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .configuration_visualad import VisualADConfig
+from .metrics import IMAGE_METRICS, METRIC_HEADERS, METRIC_NAMES, AnomalyMetricsResult
+
+TEMPLATE_PATH = Path(__file__).resolve().parent / "resources" / "model_card_template.md"
+
+PAPER_TITLE = "VisualAD: Language-Free Zero-Shot Anomaly Detection via Vision Transformer"
+PAPER_URL = "https://arxiv.org/abs/2603.07952"
+AUTHORS_CODE_URL = "https://github.com/7HHHHH/VisualAD"
+TASK_TYPE = "image-segmentation"
+TASK_NAME = "Zero-shot anomaly detection"
+TAGS = ("anomaly-detection", "zero-shot-anomaly-detection", "visualad", "vision")
+
+_METRIC_NAMES_LONG = {
+    "image_auroc": "Image AUROC",
+    "image_f1_max": "Image F1-max",
+    "image_ap": "Image AP",
+    "pixel_auroc": "Pixel AUROC",
+    "pixel_f1_max": "Pixel F1-max",
+    "pixel_ap": "Pixel AP",
+    "pixel_aupro": "Pixel AUPRO",
+}
+
+
+def _paper_row(image: tuple[float, float, float], pixel: tuple[float, float, float, float] | None = None) -> dict:
+    row = dict(zip(IMAGE_METRICS, image))
+    if pixel is not None:
+        row.update(zip(("pixel_auroc", "pixel_f1_max", "pixel_ap", "pixel_aupro"), pixel))
+    return row
+
+
+@dataclass(frozen=True)
+class BackboneFacts:
+    """What a card says about a backbone family: its name, Hub weights, licence and the paper's results with it."""
+
+    name: str
+    hub_id: str
+    license: str
+    tag: str
+    # Dataset -> metric -> value in percent, as printed in the paper (CVPR 2026; mirrored in the authors' README).
+    paper_results: dict[str, dict[str, float]]
+
+
+BACKBONES: dict[str, BackboneFacts] = {
+    "clip": BackboneFacts(
+        name="CLIP ViT-L/14@336px",
+        hub_id="openai/clip-vit-large-patch14-336",
+        license="mit",
+        tag="clip",
+        paper_results={
+            "MVTec-AD": _paper_row((92.2, 93.2, 96.7), (90.8, 43.9, 41.2, 87.5)),
+            "VisA": _paper_row((84.7, 82.5, 87.6), (95.8, 34.6, 28.4, 91.0)),
+            "BTAD": _paper_row((94.9, 93.9, 97.0), (91.1, 49.8, 43.1, 80.4)),
+            "KSDD2": _paper_row((98.0, 93.9, 98.3)),
+            "DAGM": _paper_row((99.5, 95.0, 97.8)),
+            "DTD-Synthetic": _paper_row((97.5, 96.6, 99.1), (98.1, 64.3, 65.5, 94.8)),
+        },
+    ),
+    "dinov2": BackboneFacts(
+        name="DINOv2 ViT-L/14",
+        hub_id="facebook/dinov2-large",
+        license="apache-2.0",
+        tag="dinov2",
+        paper_results={
+            "MVTec-AD": _paper_row((90.1, 92.4, 94.8), (91.3, 47.4, 45.4, 88.6)),
+            "VisA": _paper_row((83.1, 81.4, 86.8), (95.3, 35.2, 29.9, 88.2)),
+            "BTAD": _paper_row((88.2, 84.7, 89.7), (93.4, 42.6, 38.7, 76.7)),
+            "KSDD2": _paper_row((97.7, 93.1, 98.1)),
+            "DAGM": _paper_row((93.2, 83.9, 86.1)),
+            "DTD-Synthetic": _paper_row((91.0, 94.4, 97.4), (96.7, 65.8, 67.7, 92.4)),
+        },
+    ),
+}
+
+# Zero-shot protocol (SPEC §6): a model trained on VisA is evaluated on every other dataset, one trained on
+# MVTec-AD on VisA. Keys are what `visualad convert --training-data` accepts.
+TRAINING_SETS: dict[str, tuple[str, str]] = {
+    "visa": ("VisA", "the labelled test split of VisA (zero-shot protocol: the evaluation datasets are never seen)"),
+    "mvtec": ("MVTec-AD", "the labelled test split of MVTec-AD (zero-shot protocol: used when VisA is the target)"),
+}
+
+AnomalyResults = Union[Mapping[str, Any], AnomalyMetricsResult]
+EvalResults = Union[Mapping[str, AnomalyResults], Iterable[tuple[str, str, float]]]
+
+
+def backbone_facts(config: VisualADConfig) -> BackboneFacts:
+    return BACKBONES["clip" if config.vision_config.model_type == "clip_vision_model" else "dinov2"]
+
+
+def backbone_label(config: VisualADConfig) -> str:
+    """The paper's backbone name when the config has its shape, else the family with the actual size."""
+    vision, facts = config.vision_config, backbone_facts(config)
+    shape = (vision.hidden_size, vision.num_hidden_layers, vision.patch_size)
+    is_clip = vision.model_type == "clip_vision_model"
+    if shape == (1024, 24, 14) and (not is_clip or vision.image_size == 336):
+        return facts.name
+    family = "CLIP ViT" if is_clip else "DINOv2 ViT"
+    return f"{family} (width {vision.hidden_size}, {vision.num_hidden_layers} layers, patch {vision.patch_size})"
+
+
+def normalize_eval_results(eval_results: EvalResults | None) -> dict[str, dict[str, float]]:
+    """Evaluation results as `{dataset: {metric: fraction}}` in the paper's metric order.
+
+    Accepts `{dataset: {metric: value}}`, `{dataset: AnomalyMetricsResult}` (its mean over categories is used) or an
+    iterable of `(dataset, metric, value)`. Metrics are the names of `visualad_hf.metrics.METRIC_NAMES`
+    (`image_auroc`, …, `pixel_aupro`); values are fractions in [0, 1] as the metrics return them (`None` = undefined,
+    skipped).
+    """
+    if eval_results is None:
+        return {}
+    if isinstance(eval_results, Mapping):
+        items = [
+            (dataset, metric, value)
+            for dataset, metrics in eval_results.items()
+            for metric, value in (metrics.mean if isinstance(metrics, AnomalyMetricsResult) else metrics).items()
+        ]
+    else:
+        items = list(eval_results)
+    table: dict[str, dict[str, float]] = {}
+    for item in items:
+        if len(item) != 3:
+            raise ValueError(f"An evaluation result must be (dataset, metric, value), got {item!r}.")
+        dataset, metric, value = item
+        if metric not in METRIC_NAMES:
+            raise ValueError(f"Unknown metric {metric!r} for {dataset!r}; use one of {', '.join(METRIC_NAMES)}.")
+        if value is None:
+            continue
+        value = float(value)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(
+                f"{dataset} {metric} = {value}: give fractions in [0, 1] as the metrics return them "
+                "(the card shows them x100)."
+            )
+        table.setdefault(str(dataset), {})[metric] = value
+    return {dataset: {m: metrics[m] for m in METRIC_NAMES if m in metrics} for dataset, metrics in table.items()}
+
+
+def _dataset_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _percent(value: float) -> float:
+    return round(100.0 * value, 1)
+
+
+def _model_index(results: dict[str, dict[str, float]], split: str | None) -> list[EvalResult]:
+    return [
+        EvalResult(
+            task_type=TASK_TYPE,
+            task_name=TASK_NAME,
+            dataset_type=_dataset_slug(dataset),
+            dataset_name=dataset,
+            dataset_split=split,
+            metric_type=metric,
+            metric_name=f"{_METRIC_NAMES_LONG[metric]} (%)",
+            metric_value=_percent(value),
+        )
+        for dataset, metrics in results.items()
+        for metric, value in metrics.items()
+    ]
+
+
+def _table(rows: Mapping[str, Mapping[str, float]], scale: float) -> dict[str, Any]:
+    """Header and formatted cells of a dataset x metric table (missing cells as an en dash)."""
+    metrics = [m for m in METRIC_NAMES if any(m in row for row in rows.values())]
+    body = [
+        [dataset, *(f"{scale * row[m]:.1f}" if m in row else "–" for m in metrics)] for dataset, row in rows.items()
+    ]
+    return {"header": ["Dataset", *(METRIC_HEADERS[m] for m in metrics)], "rows": body}
+
+
+def _describe_training_data(training_data: str | None) -> tuple[str | None, str | None]:
+    """(short name, sentence) for a known key (`visa`, `mvtec`), or the free text as given."""
+    if training_data is None:
+        return None, None
+    key = training_data.strip().lower().replace("-", "").replace("_", "")
+    key = {"mvtecad": "mvtec"}.get(key, key)
+    if key in TRAINING_SETS:
+        return TRAINING_SETS[key]
+    return training_data, training_data
+
+
+def create_model_card(
+    config: VisualADConfig,
+    *,
+    base_model: str | None = None,
+    training_data: str | None = None,
+    eval_results: EvalResults | None = None,
+    eval_split: str | None = "test",
+    recipe: Mapping[str, Any] | None = None,
+    source: Literal["trained", "converted"] = "trained",
+    conversion: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+    repo_id: str | None = None,
+    datasets: list[str] | None = None,
+) -> ModelCard:
+    """A model card for a VisualAD folder; save it with `card.save(folder / "README.md")`.
+
+    Args:
+        config: the model's `VisualADConfig` (backbone, feature layers, input size, threshold).
+        base_model: Hub id of the backbone weights (e.g. `openai/clip-vit-large-patch14-336`), for the metadata.
+        training_data: `"visa"`, `"mvtec"` (the zero-shot protocol's auxiliary sets) or free text.
+        eval_results: results measured on this model: `{dataset: {metric: fraction}}`,
+            `{dataset: AnomalyMetricsResult}` or `[(dataset, metric, fraction), ...]` (see `normalize_eval_results`).
+            They fill the `model-index` (percent, one decimal) and the evaluation table.
+        eval_split: dataset split of those results, for the metadata.
+        recipe: training settings to list (e.g. `{"epochs": 1, "learning_rate_tokens": 1e-3, "seed": 111}`).
+        source: `"converted"` for the authors' released weights, `"trained"` for a model trained with this package.
+        conversion: for converted weights, where they came from (`ConvertedCheckpoint.provenance()`).
+        model_name: card title; a default names the backbone and the training data.
+        repo_id: Hub id the folder will live at, used in the usage snippet (a local path placeholder otherwise).
+        datasets: Hub dataset ids for the metadata, when the training data lives on the Hub.
+    """
+    if source not in ("trained", "converted"):
+        raise ValueError(f"source={source!r} must be 'trained' or 'converted'.")
+    facts = backbone_facts(config)
+    results = normalize_eval_results(eval_results)
+    per_category = {
+        dataset: value.to_markdown()
+        for dataset, value in (eval_results.items() if isinstance(eval_results, Mapping) else [])
+        if isinstance(value, AnomalyMetricsResult)
+    }
+    training_name, training_sentence = _describe_training_data(training_data)
+    label = backbone_label(config)
+    if model_name is None:
+        trained_on = f", trained on {training_name}" if training_name else ""
+        origin = "the authors' released weights" if source == "converted" else "visualad-hf"
+        model_name = f"VisualAD ({label}{trained_on}; {origin})"
+
+    card_data = ModelCardData(
+        model_name=model_name,
+        base_model=base_model,
+        license=facts.license,
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        tags=[*TAGS, facts.tag],
+        datasets=datasets,
+        metrics=[m for m in METRIC_NAMES if any(m in row for row in results.values())] or None,
+        eval_results=_model_index(results, eval_split) or None,
+    )
+
+    paper_rows = facts.paper_results
+    applies_to: list[str] = []
+    if source == "converted" and training_name in ("VisA", "MVTec-AD"):
+        # The paper evaluates the VisA-trained weights on every other dataset, the MVTec-trained ones on VisA.
+        applies_to = [d for d in paper_rows if (d == "VisA") == (training_name == "MVTec-AD")]
+    vision = config.vision_config
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        source=source,
+        backbone=facts,
+        backbone_label=label,
+        repo_id=repo_id or "path/to/this/folder",
+        training_name=training_name,
+        training_sentence=training_sentence,
+        recipe=dict(recipe or {}),
+        results_table=_table(results, 100.0) if results else None,
+        per_category=per_category,
+        eval_split=eval_split,
+        paper_table=_table(paper_rows, 1.0),
+        paper_applies_to=applies_to,
+        conversion=dict(conversion or {}),
+        architecture={
+            "backbone": label,
+            "width": vision.hidden_size,
+            "layers": vision.num_hidden_layers,
+            "feature_layers": ", ".join(map(str, config.feature_layers)),
+            "image_size": config.image_size,
+            "grid": config.grid_size,
+            "num_anchors": config.num_anchors,
+            "saf_type": config.saf_type,
+            "topk_ratio": config.topk_ratio,
+            "gaussian_sigma": config.gaussian_sigma,
+        },
+        anomaly_threshold=config.anomaly_threshold,
+        paper_title=PAPER_TITLE,
+        paper_url=PAPER_URL,
+        authors_code_url=AUTHORS_CODE_URL,
+    )
+
+
+__all__ = [
+    "BACKBONES",
+    "TRAINING_SETS",
+    "BackboneFacts",
+    "backbone_label",
+    "create_model_card",
+    "normalize_eval_results",
+]
