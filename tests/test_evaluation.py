@@ -1,0 +1,184 @@
+"""The evaluation runner and `visualad evaluate`: protocol wiring, flags, failures, outputs, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visualad_hf import VisualADModel
+from visualad_hf.cli import main as cli_main
+from visualad_hf.data import generate_synthetic_benchmark, load_anomaly_dataset
+from visualad_hf.evaluation import _batch_aligned_shard, dataset_flags, evaluate_benchmark, evaluate_model
+from visualad_hf.image_processing_visualad import VisualADImageProcessor
+from visualad_hf.metrics import image_metrics, pixel_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+CATEGORIES = ("grain", "nut")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny saved model and a synthetic two-category MVTec-layout benchmark (7 test images per category)."""
+    from conftest import tiny_visualad_config
+
+    root = tmp_path_factory.mktemp("evaluation")
+    torch.manual_seed(0)
+    config = tiny_visualad_config("clip")
+    model = VisualADModel(config).eval()
+    model.save_pretrained(root / "model")
+    VisualADImageProcessor.from_model_config(config).save_pretrained(root / "model")
+    generate_synthetic_benchmark(
+        root / "bench", image_size=40, auxiliary_categories=(), target_categories=CATEGORIES,
+        num_train=0, num_test_normal=3, num_test_anomalous=4,
+    )
+    dataset = load_anomaly_dataset("mvtec", root / "bench", cache_dir=root / "cache")
+    return {"root": root, "model": model, "dataset": dataset, "config": config}
+
+
+def reference_metrics(model, dataset) -> dict[str, dict[str, float | None]]:
+    """One image at a time through processor -> model -> post-processing, then the plain metric functions."""
+    processor = VisualADImageProcessor.from_model_config(model.config)
+    scores, maps, masks, labels, categories = [], [], [], [], []
+    for row in dataset:
+        inputs = processor(row["image"], masks=[row["mask"]])
+        with torch.no_grad():
+            processed = processor.post_process_anomaly_detection(model(inputs["pixel_values"]))[0]
+        scores.append(processed["score"])
+        maps.append(processed["anomaly_map"].numpy())
+        masks.append(inputs["masks"][0].numpy())
+        labels.append(row["label"])
+        categories.append(row["category"])
+    scores, maps, masks, labels, categories = map(np.asarray, (scores, maps, masks, labels, categories))
+    expected = {}
+    for category in dict.fromkeys(categories.tolist()):
+        keep = categories == category
+        image = image_metrics(scores[keep], labels[keep])
+        pixel = pixel_metrics(maps[keep], masks[keep])
+        expected[category] = {f"image_{k}": v for k, v in image.items()} | {f"pixel_{k}": v for k, v in pixel.items()}
+    return expected
+
+
+def test_evaluate_model_follows_the_protocol(workspace, tmp_path):
+    model, dataset = workspace["model"], workspace["dataset"]
+    model.train()  # the runner evaluates in eval mode and restores the mode
+    result = evaluate_model(model, None, dataset, batch_size=3, num_figure_samples=3, progress=False)
+    assert model.training
+    model.eval()
+    expected = reference_metrics(model, dataset)
+    assert list(result.per_category) == list(CATEGORIES)
+    for category in CATEGORIES:
+        for name, value in expected[category].items():
+            assert value is not None
+            assert result.per_category[category][name] == pytest.approx(value, abs=1e-6), (category, name)
+    assert result.mean["pixel_aupro"] == pytest.approx(np.mean([expected[c]["pixel_aupro"] for c in CATEGORIES]))
+    assert result.info["num_images"] == len(dataset) == len(result.per_image)
+    assert result.info["dataset"] == "mvtec" and not result.failures
+    assert "grain/pixel_aupro" in result.flat_metrics() and "eval/image_auroc" in result.flat_metrics("eval/")
+
+    paths = result.save(tmp_path / "out")
+    saved = json.loads(paths["json"].read_text())
+    assert saved["per_category"] == result.per_category and saved["settings"]["aupro_method"] == "exact"
+    table = paths["markdown"].read_text().splitlines()
+    assert table[0].startswith("| Category | I-AUROC") and table[-1].startswith("| **Mean**")
+    assert len(paths["scores"].read_text().splitlines()) == len(dataset) + 1
+    figure = Image.open(paths["figure:grain"])
+    assert figure.width > 3 * 100 and figure.height > 3 * 100  # three rows of tiles, three samples
+
+
+def test_anomaly_only_dataset_reports_pixel_metrics_only(tmp_path, workspace):
+    # Kvasir-SEG layout: images/ + masks/, every image anomalous.
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{index}.png")
+        mask = np.zeros((36, 36), np.uint8)
+        mask[5 + index : 15 + index, 8:20] = 255
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{index}.png")
+    dataset = load_anomaly_dataset("kvasir", tmp_path, cache_dir=tmp_path / "cache")
+    assert dataset_flags(dataset) == {"dataset": "kvasir", "image_metrics": False, "pixel_metrics": True}
+    result = evaluate_model(workspace["model"], None, dataset, batch_size=2, num_figure_samples=0, progress=False)
+    values = result.per_category["colon"]
+    assert values["image_auroc"] is None and values["pixel_aupro"] is not None
+    assert result.metrics.metric_names == ["pixel_auroc", "pixel_f1_max", "pixel_ap", "pixel_aupro"]
+    assert "I-AUROC" not in result.to_markdown()
+
+
+def test_unreadable_images_are_reported_and_left_out(tmp_path, workspace):
+    import shutil
+
+    bench = tmp_path / "bench"
+    shutil.copytree(workspace["root"] / "bench", bench)
+    broken = sorted((bench / "nut" / "test" / "hole").glob("*.png"))[0]
+    broken.write_bytes(b"not a png")
+    result = evaluate_benchmark(
+        workspace["model"], None, "mvtec", bench, categories=["nut"], cache_dir=tmp_path / "cache",
+        batch_size=4, num_figure_samples=0, progress=False,
+    )
+    assert [f["image_path"] for f in result.failures] == ["nut/test/hole/000.png"]
+    assert "not an image" in result.failures[0]["error"]
+    assert result.info["num_images"] == 6 and list(result.per_category) == ["nut"]
+    assert result.per_category["nut"]["pixel_aupro"] is not None
+
+
+def test_batch_aligned_shards_cover_the_dataset_in_order():
+    for rows, batch, world in [(10, 3, 2), (7, 4, 3), (2, 8, 2), (9, 1, 4)]:
+        shards = [_batch_aligned_shard(rows, batch, rank, world) for rank in range(world)]
+        assert [i for shard in shards for i in shard] == list(range(rows))
+        assert all(shard.start % batch == 0 for shard in shards if len(shard))
+
+
+def test_cli_evaluate_writes_outputs_and_rejects_bad_folders(workspace, tmp_path, capsys):
+    root = workspace["root"]
+    args = [
+        "evaluate", "--model", str(root / "model"), "--dataset", "mvtec", "--data-dir", str(root / "bench"),
+        "--categories", "nut", "--batch-size", "4", "--num-workers", "0", "--figures", "2", "--quiet",
+        "--cache-dir", str(tmp_path / "cache"), "--aupro", "classic",
+    ]
+    assert cli_main([*args, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "P-AUPRO" in printed and "Mean" in printed
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["settings"]["aupro_method"] == "classic" and saved["settings"]["num_thresholds"] == 200
+    assert (tmp_path / "out" / "figures" / "nut.png").is_file()
+
+    bad = [*args[:6], str(tmp_path / "missing"), *args[7:]]
+    assert cli_main(bad) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(workspace, tmp_path):
+    """`accelerate launch` with 2 CPU processes gives the same metrics, scores and figures as one process."""
+    root = workspace["root"]
+    common = [
+        "--model", str(root / "model"), "--dataset", "mvtec", "--data-dir", str(root / "bench"),
+        "--batch-size", "3", "--num-workers", "0", "--figures", "2", "--quiet", "--cache-dir", str(tmp_path / "cache"),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--num_cpu_threads_per_process", "1",
+        str(REPO / "training" / "evaluate.py"), *common, "--out", str(tmp_path / "two"),
+    ]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert cli_main(["evaluate", *common, "--out", str(tmp_path / "one")]) == 0
+
+    one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
+    assert two["num_processes"] == 2 and one["num_processes"] == 1
+    assert two["per_category"] == one["per_category"] and two["mean"] == one["mean"]
+    assert (tmp_path / "two" / "scores.csv").read_text() == (tmp_path / "one" / "scores.csv").read_text()
+    for category in CATEGORIES:
+        assert (tmp_path / "two" / "figures" / f"{category}.png").read_bytes() == (
+            tmp_path / "one" / "figures" / f"{category}.png"
+        ).read_bytes()
