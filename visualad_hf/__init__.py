@@ -4,14 +4,29 @@ Importing the package registers the model with `AutoConfig`/`AutoModel`, the ima
 `AutoImageProcessor`, and the `"anomaly-detection"` pipeline task.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_visualad import VisualADConfig
+from .image_processing_visualad import VisualADImageProcessor
 from .modeling_visualad import VisualADModel, VisualADOutput, VisualADPreTrainedModel
+from .pipeline_anomaly_detection import AnomalyDetectionPipeline
 
 AutoConfig.register(VisualADConfig.model_type, VisualADConfig, exist_ok=True)
 AutoModel.register(VisualADConfig, VisualADModel, exist_ok=True)
+AutoImageProcessor.register(VisualADConfig, image_processor_classes={"pil": VisualADImageProcessor}, exist_ok=True)
+PIPELINE_REGISTRY.register_pipeline(
+    "anomaly-detection", pipeline_class=AnomalyDetectionPipeline, pt_model=AutoModel, type="image"
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["VisualADConfig", "VisualADModel", "VisualADOutput", "VisualADPreTrainedModel", "__version__"]
+__all__ = [
+    "AnomalyDetectionPipeline",
+    "VisualADConfig",
+    "VisualADImageProcessor",
+    "VisualADModel",
+    "VisualADOutput",
+    "VisualADPreTrainedModel",
+    "__version__",
+]

@@ -1,0 +1,179 @@
+"""Threshold calibration: the two rules, storage in the config, round trip through save_pretrained, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_visualad_config
+from PIL import Image
+from transformers import pipeline
+
+from visualad_hf import VisualADConfig, VisualADImageProcessor, VisualADModel
+from visualad_hf.cli import main as cli_main
+from visualad_hf.thresholds import (
+    ThresholdCalibration,
+    apply_calibration,
+    calibrate,
+    calibrate_f1_max,
+    calibrate_from_normal_scores,
+)
+
+
+def test_normal_percentile_rule(caplog):
+    scores = np.random.default_rng(0).normal(size=500)
+    calibration = calibrate_from_normal_scores(scores, percentile=95)
+    assert calibration.threshold == pytest.approx(np.percentile(scores, 95))
+    assert calibration.method == "normal_percentile" and calibration.num_images == 500
+    assert calibration.to_dict()["percentile"] == 95.0
+    assert np.mean(scores >= calibration.threshold) == pytest.approx(0.05, abs=0.01)
+    assert calibrate_from_normal_scores(scores, percentile=100).threshold == scores.max()
+    with caplog.at_level("WARNING"):
+        few = calibrate_from_normal_scores(torch.tensor([0.1, 0.5, 0.2]))  # tensors are accepted
+    assert "cannot resolve" in caplog.text
+    assert 0.2 < few.threshold <= 0.5
+    with pytest.raises(ValueError, match="percentile"):
+        calibrate_from_normal_scores(scores, percentile=0)
+    with pytest.raises(ValueError, match="NaN"):
+        calibrate_from_normal_scores([0.1, float("nan")])
+    with pytest.raises(ValueError, match="No scores"):
+        calibrate_from_normal_scores([])
+
+
+def brute_force_f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
+    best = 0.0
+    for cut in np.unique(scores):
+        predicted = scores >= cut
+        tp = np.sum(predicted & (labels == 1))
+        precision, recall = tp / max(predicted.sum(), 1), tp / max((labels == 1).sum(), 1)
+        best = max(best, 0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
+    return best
+
+
+def test_f1_max_rule():
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(40, int), np.ones(25, int)]
+    scores = rng.normal(size=65) + 1.2 * labels
+    calibration = calibrate_f1_max(scores, labels)
+    predicted = scores >= calibration.threshold
+    tp = np.sum(predicted & (labels == 1))
+    f1 = 2 * tp / (predicted.sum() + labels.sum())
+    assert f1 == pytest.approx(brute_force_f1_max(scores, labels))
+    assert calibration.to_dict() == {
+        "method": "f1_max",
+        "num_images": 65,
+        "f1": pytest.approx(f1),
+        "num_anomalous": 25,
+        "num_normal": 40,
+    }
+    with pytest.raises(ValueError, match="labels"):
+        calibrate_f1_max(scores, labels[:-1])
+
+
+def test_apply_calibration_round_trips(tmp_path):
+    config = tiny_visualad_config("clip")
+    calibration = ThresholdCalibration(0.25, "normal_percentile", 12, {"percentile": 99.0})
+    apply_calibration(config, calibration)
+    config.save_pretrained(tmp_path)
+    reloaded = VisualADConfig.from_pretrained(tmp_path)
+    assert reloaded.anomaly_threshold == 0.25
+    assert reloaded.threshold_calibration == {"method": "normal_percentile", "num_images": 12, "percentile": 99.0}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_visualad")
+    torch.manual_seed(0)
+    config = tiny_visualad_config("clip")
+    VisualADModel(config).eval().save_pretrained(folder)
+    VisualADImageProcessor.from_model_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_sets(tmp_path_factory):
+    """Smooth "normal" images and the same with a bright square ("anomalous"), as folders of PNGs."""
+    root = tmp_path_factory.mktemp("calibration_images")
+    rng = np.random.default_rng(0)
+    for name in ("normal", "anomalous"):
+        (root / name).mkdir()
+    for index in range(6):
+        base = np.clip(rng.normal(120, 10, (48, 48, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(base).save(root / "normal" / f"{index}.png")
+        base[10:30, 12:32] = 255
+        Image.fromarray(base).save(root / "anomalous" / f"{index}.png")
+    return root
+
+
+@pytest.mark.parametrize("method", ["normal_percentile", "f1_max"])
+def test_calibrated_threshold_travels_with_the_model(model_dir, image_sets, tmp_path, method):
+    detector = pipeline("anomaly-detection", model=str(model_dir), device="cpu")
+    normal = sorted(str(path) for path in (image_sets / "normal").iterdir())
+    anomalous = sorted(str(path) for path in (image_sets / "anomalous").iterdir())
+    if method == "normal_percentile":
+        calibration = calibrate(detector, normal, percentile=90, batch_size=4)
+        scores = [detector(path)["score"] for path in normal]
+        assert calibration.threshold == pytest.approx(np.percentile(scores, 90), abs=1e-6)
+    else:
+        calibration = calibrate(detector, normal, anomalous, batch_size=4)
+        assert calibration.parameters["num_anomalous"] == 6
+    assert calibration.method == method
+    detector.save_pretrained(tmp_path)
+    reloaded = pipeline("anomaly-detection", model=str(tmp_path), device="cpu")
+    assert reloaded.model.config.anomaly_threshold == pytest.approx(calibration.threshold)
+    assert reloaded.model.config.threshold_calibration == json.loads(json.dumps(calibration.to_dict()))
+    result = reloaded(normal[0])
+    assert result["threshold"] == pytest.approx(calibration.threshold)
+    assert result["is_anomalous"] == (result["score"] >= calibration.threshold)
+
+
+def test_calibrate_command(model_dir, image_sets, tmp_path, capsys):
+    (image_sets / "broken.png").write_bytes(b"")
+    try:
+        output = tmp_path / "calibrated"
+        status = cli_main(
+            [
+                "calibrate",
+                "--model",
+                str(model_dir),
+                "--normal",
+                str(image_sets / "normal"),
+                str(image_sets / "broken.png"),
+                "--percentile",
+                "100",
+                "--output",
+                str(output),
+                "--device",
+                "cpu",
+            ]
+        )
+    finally:
+        (image_sets / "broken.png").unlink()
+    captured = capsys.readouterr()
+    assert status == 1  # one unreadable file, reported; the others were used
+    assert "broken.png: empty file" in captured.err
+    config = VisualADConfig.from_pretrained(output)
+    assert config.threshold_calibration["method"] == "normal_percentile"
+    assert config.threshold_calibration["num_images"] == 6
+    assert json.loads(captured.out)["threshold"] == pytest.approx(config.anomaly_threshold)
+    assert (output / "preprocessor_config.json").is_file()
+    labelled = tmp_path / "labelled"
+    status = cli_main(
+        [
+            "calibrate",
+            "--model",
+            str(model_dir),
+            "--normal",
+            str(image_sets / "normal"),
+            "--anomalous",
+            str(image_sets / "anomalous"),
+            "--output",
+            str(labelled),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert status == 0
+    assert VisualADConfig.from_pretrained(labelled).threshold_calibration["method"] == "f1_max"
