@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_visualad_config
+from conftest import png_header_only, tiny_visualad_config
 from PIL import Image
-from test_image_processing import png_header_only
 
 from visualad_hf import VisualADImageProcessor, VisualADModel
 from visualad_hf.cli import main as cli_main

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY_DIR, tiny_visualad_config
+from conftest import PARITY_DIR, png_header_only, tiny_visualad_config
 from PIL import Image
 from safetensors.torch import load_file
 from scipy.ndimage import gaussian_filter
@@ -345,17 +343,6 @@ def test_post_process_scores_and_target_sizes():
 
 
 # ------------------------------------------------------------------------------------------------ unreadable files
-def png_header_only(path, width: int, height: int) -> None:
-    """A PNG that declares `width x height` pixels but holds almost nothing: a decompression-bomb stand-in."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
-
-
 def test_unreadable_files(tmp_path):
     good = tmp_path / "good.png"
     random_image("RGB", size=(40, 40)).save(good)

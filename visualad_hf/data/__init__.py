@@ -11,6 +11,7 @@ dataset_spec("kvasir").anomaly_only   # True: report pixel metrics only
 """
 
 from .builders import FEATURES, LABEL_NAMES, AnomalyDatasetBuilder, load_anomaly_dataset
+from .collator import VisualADCollator
 from .layouts import ANOMALY, GOOD, DatasetLayoutError, Sample
 from .masks import binarize_mask, load_mask, mask_threshold
 from .registry import DATASETS, DatasetSpec, dataset_spec, scan_dataset
@@ -27,6 +28,7 @@ __all__ = [
     "DatasetSpec",
     "Sample",
     "SyntheticBenchmark",
+    "VisualADCollator",
     "binarize_mask",
     "dataset_spec",
     "generate_synthetic_benchmark",
