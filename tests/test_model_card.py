@@ -148,3 +148,11 @@ def test_bad_eval_results_are_explained(bad, message):
 def test_threshold_in_config_appears_in_card():
     config = VisualADConfig(anomaly_threshold=1.25)
     assert "| Decision threshold | 1.25 (in `config.json`) |" in create_model_card(config).text
+
+
+def test_card_title_and_backbone_row_render():
+    card = create_model_card(tiny_visualad_config(), model_name="my-visualad")
+    lines = str(card).splitlines()
+    assert "# my-visualad" in lines
+    backbone_row = next(line for line in lines if line.startswith("| Backbone (frozen)"))
+    assert backbone_row.count("width") == 1

@@ -265,6 +265,7 @@ def create_model_card(
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
+        model_name=model_name,  # ModelCardData keeps its own copy for model-index only
         source=source,
         backbone=facts,
         backbone_label=label,
