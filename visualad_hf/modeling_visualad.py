@@ -418,6 +418,35 @@ class VisualADModel(VisualADPreTrainedModel):
                 kept[index] = hidden_states
         return kept, hidden_states
 
+    def layer_anomaly_maps(
+        self, kept: dict[int, torch.Tensor], last_hidden_state: torch.Tensor, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The VisualAD heads: one map per feature layer from the backbone outputs (SPEC §1-§4).
+
+        Args:
+            kept: sequences after each feature layer, as returned by `run_backbone_layers`.
+            last_hidden_state: the sequence after the backbone's last layer (its first two rows are the tokens).
+            grid: patch grid `(height, width)`.
+
+        Returns:
+            The maps `(batch, num_feature_layers, *grid)` and, per layer, the normalised enhanced tokens
+            `(batch, 2, hidden)` (anomaly, normal).
+        """
+        layernorm = self.final_layernorm
+        patch_start = 2 + self.config.num_prefix_tokens
+        token_features = layernorm(last_hidden_state[:, :2])
+        layer_maps, enhanced_tokens = [], []
+        for layer, cross_attention, self_alignment in zip(
+            self.config.feature_layers, self.spatial_cross_attention, self.self_alignment
+        ):
+            patches = layernorm(kept[layer][:, patch_start:])
+            enhanced = F.normalize(cross_attention(token_features, patches), dim=-1, eps=COSINE_EPS)
+            aligned = F.normalize(self_alignment(patches), dim=-1, eps=COSINE_EPS)
+            similarity = torch.matmul(aligned, enhanced.transpose(1, 2))
+            layer_maps.append((similarity[..., 0] - similarity[..., 1]).reshape(-1, *grid))
+            enhanced_tokens.append(enhanced)
+        return torch.stack(layer_maps, dim=1), enhanced_tokens
+
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
@@ -460,21 +489,7 @@ class VisualADModel(VisualADPreTrainedModel):
         feature_layers = self.config.feature_layers
         kept, hidden_states = self.run_backbone_layers(torch.cat([tokens, sequence], dim=1), feature_layers)
 
-        layernorm = self.final_layernorm
-        patch_start = 2 + self.config.num_prefix_tokens
-        token_features = layernorm(hidden_states[:, :2])
-        layer_maps, enhanced_tokens = [], []
-        for layer, cross_attention, self_alignment in zip(
-            feature_layers, self.spatial_cross_attention, self.self_alignment
-        ):
-            patches = layernorm(kept[layer][:, patch_start:])
-            enhanced = F.normalize(cross_attention(token_features, patches), dim=-1, eps=COSINE_EPS)
-            aligned = F.normalize(self_alignment(patches), dim=-1, eps=COSINE_EPS)
-            similarity = torch.matmul(aligned, enhanced.transpose(1, 2))
-            layer_maps.append((similarity[..., 0] - similarity[..., 1]).reshape(batch_size, grid_height, grid_width))
-            enhanced_tokens.append(enhanced)
-
-        layer_anomaly_maps = torch.stack(layer_maps, dim=1)
+        layer_anomaly_maps, enhanced_tokens = self.layer_anomaly_maps(kept, hidden_states, (grid_height, grid_width))
         upsampled = F.interpolate(layer_anomaly_maps, size=(height, width), mode="bilinear", align_corners=False)
         anomaly_map = upsampled.sum(dim=1)
         image_logits = topk_mean(anomaly_map, self.config.topk_ratio)
