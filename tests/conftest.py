@@ -51,6 +51,22 @@ def tiny_config():
     return tiny_visualad_config("clip")
 
 
+def save_tiny_model(folder, **config_overrides):
+    """Save a seeded tiny VisualAD model and its image processor to `folder` (a model directory for pipelines/CLIs)."""
+    from visualad_hf import VisualADImageProcessor, VisualADModel
+
+    torch.manual_seed(0)
+    config = tiny_visualad_config("clip", **config_overrides)
+    VisualADModel(config).eval().save_pretrained(folder)
+    VisualADImageProcessor.from_model_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_visualad"))
+
+
 @pytest.fixture
 def tiny_model(tiny_config):
     from visualad_hf import VisualADModel

@@ -16,16 +16,6 @@ from visualad_hf.cli import main as cli_main
 from visualad_hf.detect import find_images
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_visualad")
-    torch.manual_seed(0)
-    config = tiny_visualad_config("clip")
-    VisualADModel(config).eval().save_pretrained(folder)
-    VisualADImageProcessor.from_model_config(config).save_pretrained(folder)
-    return folder
-
-
 def write_image(path, size=(40, 30), seed=0, mode="RGB"):
     rng = np.random.default_rng(seed)
     array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)

@@ -9,25 +9,12 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_visualad_config
+from conftest import save_tiny_model, tiny_visualad_config
 from PIL import Image
 from transformers import pipeline
 
 from visualad_hf import AnomalyDetectionPipeline, VisualADImageProcessor, VisualADModel
 from visualad_hf.image_processing_visualad import ImageLoadError
-
-
-def save_tiny_model(folder, **config_overrides):
-    torch.manual_seed(0)
-    config = tiny_visualad_config("clip", **config_overrides)
-    VisualADModel(config).eval().save_pretrained(folder)
-    VisualADImageProcessor.from_model_config(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_visualad"))
 
 
 @pytest.fixture(scope="module")

@@ -83,16 +83,6 @@ def test_apply_calibration_round_trips(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_visualad")
-    torch.manual_seed(0)
-    config = tiny_visualad_config("clip")
-    VisualADModel(config).eval().save_pretrained(folder)
-    VisualADImageProcessor.from_model_config(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def image_sets(tmp_path_factory):
     """Smooth "normal" images and the same with a bright square ("anomalous"), as folders of PNGs."""
     root = tmp_path_factory.mktemp("calibration_images")

@@ -38,13 +38,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0 if argv else 2
         parser.error(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
-    name, rest = argv[0], argv[1:]
+    return run_command(argv[0], argv[1:])
+
+
+def run_command(name: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Parse `argv` for one command and run it: what `visualad NAME ARGS...` does (also behind `python -m` entries)."""
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"visualad {name}", description=help_text)
+    parser = argparse.ArgumentParser(prog=prog or f"visualad {name}", description=help_text)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    return int(module.run(parser.parse_args(argv)) or 0)
 
 
 if __name__ == "__main__":

@@ -930,11 +930,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m visualad_hf.convert", description="Convert the authors' released VisualAD checkpoint."
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from .cli import run_command
+
+    return run_command("convert", argv, prog="python -m visualad_hf.convert")
 
 
 __all__ = [

@@ -703,11 +703,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="evaluate", description="Evaluate a VisualAD model on a benchmark (SPEC §7)."
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from .cli import run_command
+
+    return run_command("evaluate", argv, prog="training/evaluate.py")
 
 
 __all__ = [
