@@ -448,3 +448,16 @@ def test_spatial_cross_attention_matches_spec_formula():
             mixed = (g[:, :, None] * u).sum(1)
             expected.append(tokens[:, t] + 0.7 * sca.out_proj(mixed))
         torch.testing.assert_close(sca(tokens, patches), torch.stack(expected, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_set_attn_implementation_switches_the_backbone(caplog):
+    model = _model("clip", attn="sdpa")
+    pixel_values, _, _ = _inputs()
+    with torch.no_grad():
+        sdpa = model(pixel_values).anomaly_map
+        model.set_attn_implementation("eager")
+        eager = model(pixel_values).anomaly_map
+    assert model.config._attn_implementation == "eager"
+    assert model.backbone.config._attn_implementation == "eager"
+    assert "does not support setting its attention implementation" not in caplog.text
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)

@@ -253,6 +253,12 @@ class VisualADPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses from class names: our SCA is a 4-query matmul that no attention backend handles, so
+        # `set_attn_implementation` only concerns the backbone, which supports every backend it was loaded with.
+        return True
+
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # transformers skips, for code outside the library, modules without parameters of their own (e.g. the SAF
         # MLP container), assuming their children were initialised. Our `_init_weights` initialises children from the
