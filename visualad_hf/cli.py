@@ -1,7 +1,8 @@
 """The `visualad` command line.
 
 Each sub-command lives in its own module, which defines `add_arguments(parser)` and `run(args) -> int`;
-modules are imported only when their command runs, so `visualad --help` stays instant.
+a command's module is imported only when that command runs. (Importing the package itself registers the model with
+transformers, which loads torch and transformers: a few seconds before any command, `--help` included.)
 """
 
 from __future__ import annotations
