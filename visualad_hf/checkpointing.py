@@ -96,19 +96,25 @@ def finalize_checkpoint(tmp_dir: Path, trainer_state: dict[str, Any]) -> Path:
     match = re.match(rf"^({CHECKPOINT_PREFIX}-\d+)\.tmp$", tmp_dir.name)
     if match is None:
         raise ValueError(f"{tmp_dir} is not a temporary checkpoint folder")
-    _write_json(tmp_dir / TRAINER_STATE_NAME, trainer_state)
+    write_json(tmp_dir / TRAINER_STATE_NAME, trainer_state)
     _fsync_tree(tmp_dir)
     final = tmp_dir.with_name(match.group(1))
-    aside = None
-    if final.exists():
-        aside = final.with_name(final.name + ".old")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(final, aside)
-    os.replace(tmp_dir, final)
+    replace_path(tmp_dir, final)
     _fsync_dir(final.parent)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
     return final
+
+
+def replace_path(source: Path, target: Path) -> None:
+    """Move `source` to `target` atomically. An existing `target` folder is moved aside (`.old`) first and removed
+    after, so a kill at any point leaves either the old or the new folder in place, never a mix."""
+    if not (target.is_dir() and source.is_dir()):
+        os.replace(source, target)
+        return
+    aside = target.with_name(target.name + ".old")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(target, aside)
+    os.replace(source, target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: int | None) -> list[Path]:
@@ -173,7 +179,7 @@ def load_trainable_weights(model: nn.Module, directory: str | os.PathLike) -> No
             parameter.copy_(state[name].to(parameter.device, parameter.dtype))
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     with open(path, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
         handle.write("\n")

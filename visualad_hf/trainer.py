@@ -926,27 +926,19 @@ def save_final(
     model.save_pretrained(staging)
     image_processor.save_pretrained(staging)
     save_arguments(arguments, staging / TRAINING_ARGS_NAME)
-    (staging / checkpointing.TRAINER_STATE_NAME).write_text(json.dumps(state.to_dict(), indent=2) + "\n")
+    checkpointing.write_json(staging / checkpointing.TRAINER_STATE_NAME, state.to_dict())
     results = {
         "global_step": state.global_step,
         "epoch": state.epoch,
         "skipped_steps": state.skipped_steps,
         "training_loss": training_loss,
     }
-    (staging / TRAIN_RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+    checkpointing.write_json(staging / TRAIN_RESULTS_NAME, results)
     if eval_results is not None:
         eval_results.save(staging / EVAL_RESULTS_DIR)
     write_model_card(model, staging, arguments=arguments, state=state, eval_results=eval_results)
-    for path in sorted(staging.iterdir()):
-        target = output_dir / path.name
-        if target.is_dir() and path.is_dir():  # a folder (eval_results/) from an earlier run: swap it out whole
-            aside = target.with_name(target.name + ".old")
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(target, aside)
-            os.replace(path, target)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(path, target)
+    for path in sorted(staging.iterdir()):  # a folder from an earlier run (eval_results/) is swapped out whole
+        checkpointing.replace_path(path, output_dir / path.name)
     staging.rmdir()
     logger.info("Saved the trained model to %s", output_dir)
 
