@@ -67,13 +67,6 @@ def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny_visualad"))
 
 
-@pytest.fixture
-def tiny_model(tiny_config):
-    from visualad_hf import VisualADModel
-
-    torch.manual_seed(0)
-    return VisualADModel(tiny_config).eval()
-
 
 def png_header_only(path, width: int, height: int) -> None:
     """A PNG that declares `width x height` pixels but holds almost nothing: a decompression-bomb stand-in."""
