@@ -17,8 +17,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
-PARITY_DIR = SHARED_DIR / "fixtures" / "official_parity"
+# Test data lives in the repository: a fresh clone has no ../shared beside it.
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
+PARITY_DIR = FIXTURES_DIR / "official_parity"
+RELEASED_PARITY_DIR = FIXTURES_DIR / "official_parity_released"
 
 
 def tiny_vision_config(kind: str = "clip", **overrides):
