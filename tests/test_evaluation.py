@@ -16,7 +16,8 @@ from PIL import Image
 from visualad_hf import VisualADModel
 from visualad_hf.cli import main as cli_main
 from visualad_hf.data import generate_synthetic_benchmark, load_anomaly_dataset
-from visualad_hf.evaluation import _batch_aligned_shard, dataset_flags, evaluate_benchmark, evaluate_model
+from visualad_hf.evaluation import dataset_flags, evaluate_benchmark, evaluate_model
+from visualad_hf.evaluation.runner import batch_aligned_shard
 from visualad_hf.image_processing_visualad import VisualADImageProcessor
 from visualad_hf.metrics import image_metrics, pixel_metrics
 
@@ -131,7 +132,7 @@ def test_unreadable_images_are_reported_and_left_out(tmp_path, workspace):
 
 def test_batch_aligned_shards_cover_the_dataset_in_order():
     for rows, batch, world in [(10, 3, 2), (7, 4, 3), (2, 8, 2), (9, 1, 4)]:
-        shards = [_batch_aligned_shard(rows, batch, rank, world) for rank in range(world)]
+        shards = [batch_aligned_shard(rows, batch, rank, world) for rank in range(world)]
         assert [i for shard in shards for i in shard] == list(range(rows))
         assert all(shard.start % batch == 0 for shard in shards if len(shard))
 

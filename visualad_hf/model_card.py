@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration_visualad import VisualADConfig
+from .data.registry import display_name
 from .metrics import IMAGE_METRICS, METRIC_HEADERS, METRIC_NAMES, AnomalyMetricsResult
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "resources" / "model_card_template.md"
@@ -92,8 +93,11 @@ BACKBONES: dict[str, BackboneFacts] = {
 # Zero-shot protocol (SPEC §6): a model trained on VisA is evaluated on every other dataset, one trained on
 # MVTec-AD on VisA. Keys are what `visualad convert --training-data` accepts.
 TRAINING_SETS: dict[str, tuple[str, str]] = {
-    "visa": ("VisA", "the labelled test split of VisA (zero-shot protocol: the evaluation datasets are never seen)"),
-    "mvtec": ("MVTec-AD", "the labelled test split of MVTec-AD (zero-shot protocol: used when VisA is the target)"),
+    key: (display_name(key), f"the labelled test split of {display_name(key)} (zero-shot protocol: {why})")
+    for key, why in (
+        ("visa", "the evaluation datasets are never seen"),
+        ("mvtec", "used when VisA is the target"),
+    )
 }
 
 AnomalyResults = Union[Mapping[str, Any], AnomalyMetricsResult]

@@ -48,16 +48,6 @@ TOKEN_GROUP = "tokens"
 TRAINING_ARGS_NAME = "training_args.yaml"
 TRAIN_RESULTS_NAME = "train_results.json"
 EVAL_RESULTS_DIR = "eval_results"  # metrics.json/.csv/.md, scores.csv, figures/
-# The paper's names of its benchmarks (model cards and result tables use them).
-PAPER_DATASET_NAMES = {
-    "mvtec": "MVTec-AD",
-    "visa": "VisA",
-    "btad": "BTAD",
-    "ksdd2": "KSDD2",
-    "dagm": "DAGM",
-    "dtd_synthetic": "DTD-Synthetic",
-    "mpdd": "MPDD",
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -158,11 +148,9 @@ class DataArguments:
         )
         if explicit:
             return explicit
-        if name in PAPER_DATASET_NAMES:
-            return PAPER_DATASET_NAMES[name]
-        from .data import dataset_spec
+        from .data import display_name  # the one table of display names
 
-        return dataset_spec(name).title
+        return display_name(name)
 
     def __post_init__(self):
         if self.train_dataset is None or self.train_data_dir is None:

@@ -48,6 +48,12 @@ class DatasetSpec:
     categories: tuple[str, ...] = ()  # the published categories, for reference; the loaders read what is on disk
     in_paper: bool = False  # one of the 13 benchmarks the VisualAD README lists
     url: str | None = None
+    short_name: str = ""  # the paper's spelling in tables and model cards ("MVTec-AD"); default: `title`
+
+    @property
+    def display_name(self) -> str:
+        """How result tables, model cards and logs name the dataset: the paper's spelling where it has one."""
+        return self.short_name or self.title
 
     @property
     def expected_layout(self) -> str:
@@ -113,6 +119,7 @@ _SPECS = [
         categories=_names(
             "bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood zipper"
         ),
+        short_name="MVTec-AD",
     ),
     DatasetSpec(
         "visa",
@@ -139,6 +146,7 @@ _SPECS = [
         in_paper=True,
         url="https://github.com/amazon-science/spot-diff",
         categories=_names("candle capsules cashew chewinggum fryum macaroni1 macaroni2 pcb1 pcb2 pcb3 pcb4 pipe_fryum"),
+        short_name="VisA",
     ),
     DatasetSpec(
         "btad",
@@ -155,6 +163,7 @@ _SPECS = [
         splits=("test", "train"),
         in_paper=True,
         categories=("01", "02", "03"),
+        short_name="BTAD",
     ),
     DatasetSpec(
         "ksdd2",
@@ -179,6 +188,7 @@ _SPECS = [
         in_paper=True,
         categories=("Metal",),
         url="https://www.vicos.si/resources/kolektorsdd2/",
+        short_name="KSDD2",
     ),
     DatasetSpec(
         "dagm",
@@ -201,6 +211,7 @@ _SPECS = [
         splits=("test", "train"),
         in_paper=True,
         categories=tuple(f"Class{i}" for i in range(1, 11)),
+        short_name="DAGM",
     ),
     DatasetSpec(
         "dtd_synthetic",
@@ -219,6 +230,7 @@ _SPECS = [
         categories=_names(
             "Woven_001 Woven_127 Woven_104 Stratified_154 Blotchy_099 Woven_068 Woven_125 Marbled_078 Perforated_037 Mesh_114 Fibrous_183 Matted_069"
         ),
+        short_name="DTD-Synthetic",
     ),
     DatasetSpec(
         "mpdd",
@@ -229,6 +241,7 @@ _SPECS = [
         splits=("test", "train"),
         url="https://github.com/stepanje/MPDD",
         categories=("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"),
+        short_name="MPDD",
     ),
     DatasetSpec(
         "sdd",
@@ -465,6 +478,15 @@ ALIASES = {
     "isic2016": "isic",
     "retina_oct2017": "oct17",
 }
+
+
+def display_name(name: str) -> str:
+    """The display name of a dataset name or alias (`"mvtec"` -> `"MVTec-AD"`); other text comes back as given, so a
+    free-form name (`"synthetic benchmark (target families)"`) passes through. The one table of display names."""
+    try:
+        return dataset_spec(name).display_name
+    except ValueError:
+        return name
 
 
 def dataset_spec(name: str) -> DatasetSpec:
