@@ -183,3 +183,55 @@ def test_two_processes_equal_one(workspace, tmp_path):
         assert (tmp_path / "two" / "figures" / f"{category}.png").read_bytes() == (
             tmp_path / "one" / "figures" / f"{category}.png"
         ).read_bytes()
+
+
+def test_anomalous_images_without_a_mask_are_left_out_of_the_pixel_metrics(workspace, tmp_path, capsys):
+    import shutil
+
+    bench = tmp_path / "bench"
+    shutil.copytree(workspace["root"] / "bench", bench)
+    meta = json.loads((bench / "meta.json").read_text())
+    record = next(r for r in meta["test"]["nut"] if r["anomaly"] == 1)
+    record["mask_path"] = ""  # an AnomalyCLIP-style record: anomalous, but no mask
+    (bench / "meta.json").write_text(json.dumps(meta))
+    dataset = load_anomaly_dataset("meta_json", bench, cache_dir=tmp_path / "cache")
+    model = workspace["model"]
+    with pytest.warns(UserWarning, match=r"1 anomalous image\(s\) have no ground-truth mask.*" + record["img_path"]):
+        result = evaluate_model(model, None, dataset, batch_size=4, num_figure_samples=2, progress=False)
+    assert result.info["pixel_metrics_excluded"] == [record["img_path"]]
+
+    # pixel metrics: as if the image were not there; image metrics: with it
+    without = dataset.filter(lambda row: row["image_path"] != record["img_path"])
+    expected_pixels = evaluate_model(model, None, without, batch_size=4, num_figure_samples=0, progress=False)
+    expected_images = evaluate_model(
+        model, None, dataset, batch_size=4, num_figure_samples=0, progress=False, pixel_metrics=False
+    )
+    for category in CATEGORIES:
+        for name, value in result.per_category[category].items():
+            reference = expected_pixels if name.startswith("pixel_") else expected_images
+            assert value == reference.per_category[category][name], (category, name)
+    assert result.metrics.num_images["nut"] == 7 and len(result.per_image) == len(dataset)
+
+    args = ["evaluate", "--model", str(workspace["root"] / "model"), "--dataset", "meta_json", "--data-dir", str(bench),
+            "--num-workers", "0", "--figures", "0", "--quiet", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert cli_main(args) == 0
+    err = capsys.readouterr().err
+    assert "left out of the pixel metrics" in err and record["img_path"] in err
+
+
+def test_figures_share_one_stated_colour_range(workspace, tmp_path):
+    from visualad_hf.visualization import colorize
+
+    result = evaluate_model(workspace["model"], None, workspace["dataset"], batch_size=4, num_figure_samples=2,
+                            progress=False, figure_value_range=(-1.0, 2.0))  # fmt: skip
+    assert result.info["figure_value_range"] == [-1.0, 2.0]
+    default = evaluate_model(workspace["model"], None, workspace["dataset"], batch_size=4, num_figure_samples=2,
+                             progress=False)  # fmt: skip
+    low, high = default.info["figure_value_range"]
+    assert low < high and len(default.figures) == len(CATEGORIES)
+    # the colour bar sits right of the tiles: the top of the scale (dark red) and the bottom (dark blue) appear there
+    figure = np.asarray(default.figures["grain"])
+    right = figure[:, -figure.shape[1] // 4 :].reshape(-1, 3)
+    for end in (1.0, 0.0):
+        colour = colorize(np.array([[end]], np.float32), (0.0, 1.0))[0, 0]
+        assert (np.abs(right.astype(int) - colour).sum(axis=1) <= 12).any(), end

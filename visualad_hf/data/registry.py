@@ -7,6 +7,7 @@ error that says which layout(s) the dataset expects and what the folder holds.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -524,7 +525,8 @@ def scan_dataset(
     try:
         if layout is None:
             raise DatasetLayoutError("it matches none of the expected layouts")
-        samples = layout.scan(root, split, **options)
+        with L.collect_skipped() as skipped:
+            samples = layout.scan(root, split, **options)
         if not samples:
             raise DatasetLayoutError(f"no images found for split {split!r}")
         _check_unique(samples)
@@ -533,8 +535,49 @@ def scan_dataset(
             f"{root} is not a readable `{spec.name}` ({spec.title}) folder: {error}\n"
             f"Expected layout:\n{spec.expected_layout}\nFound in {root}: {L.describe_folder(root)}"
         ) from None
+    _report_skipped(root, skipped)
+    _check_utf8_names(root, samples)
     samples.sort(key=lambda s: (s.category, s.image))
     return _select(spec, samples, categories)
+
+
+MAX_LISTED = 20  # entries a warning lists before "(+N more)"
+
+
+def _report_skipped(root: Path, skipped: dict[Path, str]) -> None:
+    """One warning listing the entries the scan passed over (dangling/looping links, FIFOs, ...)."""
+    if not skipped:
+        return
+    items = [f"{_printable(L.relative(root, path))} ({why})" for path, why in sorted(skipped.items())]
+    more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+    warnings.warn(
+        f"{root}: skipped {len(items)} entr{'y' if len(items) == 1 else 'ies'} that are neither files nor folders: "
+        f"{', '.join(items[:MAX_LISTED])}{more}. Fix or remove them if they should be data.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _printable(name: str) -> str:
+    """A file name as text even when it is not valid UTF-8 (undecodable bytes shown as \\xNN)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _check_utf8_names(root: Path, samples: list[Sample]) -> None:
+    """Dataset tables store paths as UTF-8 text: a name that is not valid UTF-8 is refused by name, before
+    `datasets` fails on it without saying which file it was."""
+    for sample in samples:
+        for text in (sample.image, sample.mask, sample.category, sample.defect_type):
+            if text is None:
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                path = sample.mask if text == sample.mask else sample.image
+                raise DatasetLayoutError(
+                    f"{root}: the file name {_printable(path)} is not valid UTF-8 (the \\x escapes are its raw bytes); "
+                    "rename it to a UTF-8 name (e.g. `convmv -f latin1 -t utf8 --notest` on the folder)"
+                ) from None
 
 
 def _check_unique(samples: list[Sample]) -> None:
