@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import numpy as np
 import pytest
 import torch
@@ -71,7 +72,7 @@ def regions_of(masks: np.ndarray) -> list[tuple[int, np.ndarray]]:
 
 def area_to(points: list[tuple[float, float]], limit: float) -> float:
     area = 0.0
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x0 >= limit:
             break
         if x1 > limit:

@@ -56,10 +56,10 @@ class FigureCollector:
         small_mask = None
         if mask is not None:
             small_mask = (resize(mask[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5).numpy()
-        self.samples.append(
-            FigureSample(index, row["category"], row["defect_type"], int(row["label"]), score, small_map.numpy(),
-                         small_mask)  # fmt: skip
+        sample = FigureSample(
+            index, row["category"], row["defect_type"], int(row["label"]), score, small_map.numpy(), small_mask
         )
+        self.samples.append(sample)
 
     def merge(self, other: FigureCollector) -> None:
         self.samples += other.samples

@@ -48,7 +48,7 @@ class EvaluationCollator:
                 except (OSError, ValueError) as row_error:
                     failures.append(_failure(row, position, row_error))
             if len(kept) == len(decoded):  # the batch as a whole is the problem (e.g. sizes): re-raise
-                raise error
+                raise
             decoded = kept
             batch = self.collator([row for _, row in decoded]) if decoded else None
         return {

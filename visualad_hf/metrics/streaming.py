@@ -398,7 +398,7 @@ class AnomalyMetrics:
         missing = [name for name in names if name not in self._states]
         if missing:
             raise KeyError(f"No data was added for categories {missing}; known: {list(self._states)}.")
-        bar = dict(total=len(names), desc="Computing metrics", unit="category", disable=not progress)
+        bar = {"total": len(names), "desc": "Computing metrics", "unit": "category", "disable": not progress}
         if num_workers > 1 and len(names) > 1:
             with ThreadPoolExecutor(max_workers=num_workers) as pool:
                 results = list(tqdm(pool.map(self.compute_category, names), **bar))
