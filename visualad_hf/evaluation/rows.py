@@ -39,7 +39,7 @@ class EvaluationCollator:
                 failures.append(_failure(row, position, error))
         try:
             batch = self.collator([row for _, row in decoded]) if decoded else None
-        except (OSError, ValueError) as error:  # find the culprit(s), keep the rest
+        except (OSError, ValueError):  # find the culprit(s), keep the rest
             kept = []
             for position, row in decoded:
                 try:
