@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -130,38 +131,41 @@ def render_panel(
     return panel
 
 
-def format_value(value: float) -> str:
-    """A colour-bar label: 3 significant digits, no "-0"."""
-    text = f"{value:.3g}"
-    return "0" if text == "-0" else text
+@dataclass(frozen=True)
+class ColourScale:
+    """A fixed heatmap colour range and where it comes from (written beside the colour bar, so a reader knows what
+    red means)."""
+
+    low: float
+    high: float
+    source: str
+
+    def as_range(self) -> tuple[float, float]:
+        return (self.low, self.high)
 
 
 def colour_bar(
-    height: int, value_range: tuple[float, float], *, width: int = 14, font_size: int = 12, title: str | None = None
+    scale: ColourScale, height: int, threshold: float | None = None, font=None, width: int = 14
 ) -> Image.Image:
-    """A vertical "jet" bar for `value_range` (high at the top), its ends and middle written beside it, so a reader
-    can tell what a colour means. `title` goes above the bar (e.g. "anomaly score")."""
-    low, high = value_range
-    text_font = _font(font_size)
-    labels = [format_value(v) for v in (high, (low + high) / 2, low)]
-    label_width = max(int(text_font.getlength(t)) for t in labels)
-    title_height = font_size + 6 if title else 0
-    margin = font_size // 2 + 1  # room for the end labels, which are centred on the bar's ends
-    bar_height = max(2, height - title_height - 2 * margin)
-    ramp = np.linspace(1.0, 0.0, bar_height, dtype=np.float32)[:, None].repeat(width, axis=1)
+    """A vertical "jet" bar for `scale` (high at the top) with its end values written beside it, and the threshold
+    marked when one is given."""
+    font = font or _font(12)
+    ramp = np.linspace(1.0, 0.0, max(height, 2), dtype=np.float32)[:, None].repeat(width, axis=1)
     bar = Image.fromarray(colorize(ramp, (0.0, 1.0)), mode="RGB")
-    total_width = max(width + 6 + label_width, int(text_font.getlength(title)) if title else 0) + 2
-    image = Image.new("RGB", (total_width, height), PANEL_BACKGROUND)
+    values = [scale.low, scale.high] + ([threshold] if threshold is not None else [])
+    label_width = max(int(font.getlength(f"{value:.2f}")) for value in values) + 8
+    image = Image.new("RGB", (width + 4 + label_width, max(height, 2)), PANEL_BACKGROUND)
+    image.paste(bar, (0, 0))
     draw = ImageDraw.Draw(image)
-    if title:
-        draw.text((0, 0), title, fill=TEXT_COLOUR, font=text_font)
-    top = title_height + margin
-    image.paste(bar, (0, top))
-    draw.rectangle((0, top, width - 1, top + bar_height - 1), outline=TEXT_COLOUR)
-    for label, fraction in zip(labels, (0.0, 0.5, 1.0)):
-        y = top + round(fraction * (bar_height - 1))
-        draw.line((width, y, width + 3, y), fill=TEXT_COLOUR)
-        draw.text((width + 6, y - font_size // 2 - 1), label, fill=TEXT_COLOUR, font=text_font)
+    draw.rectangle((0, 0, width - 1, image.height - 1), outline=TEXT_COLOUR)
+    text_height = font.getbbox("0.123456789-")[3] + 2
+    draw.text((width + 4, 0), f"{scale.high:.2f}", fill=TEXT_COLOUR, font=font)
+    draw.text((width + 4, image.height - text_height), f"{scale.low:.2f}", fill=TEXT_COLOUR, font=font)
+    if threshold is not None and scale.high > scale.low:
+        y = round(min(max((scale.high - threshold) / (scale.high - scale.low), 0.0), 1.0) * (image.height - 1))
+        draw.line((0, y, width + 2, y), fill=(0, 0, 0), width=2)
+        draw.text((width + 4, min(max(y - text_height // 2, text_height), image.height - 2 * text_height)),
+                  f"{threshold:.2f}", fill=(0, 0, 0), font=font)  # fmt: skip
     return image
 
 
@@ -171,26 +175,30 @@ def render_grid(
     row_labels: Sequence[str],
     captions: Sequence[str] = (),
     title: str | None = None,
-    value_range: tuple[float, float] | None = None,
+    scale: ColourScale | None = None,
     bar_rows: Sequence[int] = (),
     bar_title: str = "anomaly score",
     tile: int = 192,
 ) -> Image.Image:
     """A figure grid like the paper's appendix figures: one column of `tile`-sized images per sample (rows named by
-    `row_labels`, a caption above each column), and, beside the rows in `bar_rows`, a colour bar for `value_range`
-    (the range their heatmaps were drawn with)."""
-    gap, label_width, title_height, caption_height = 6, 120, 30 if title else 6, 20 if captions else 0
+    `row_labels`, a caption above each column) and, beside the rows in `bar_rows`, a colour bar for `scale` (the
+    range their heatmaps were drawn with), whose range and source are also written under the title."""
+    gap, label_width, caption_height = 6, 120, 20 if captions else 0
+    small = _font(12)
+    lines = [line for line in (title, f"colour range {scale.low:.2f} .. {scale.high:.2f} ({scale.source})"
+                                if scale is not None and bar_rows else None) if line]  # fmt: skip
+    title_height = 6 + 22 * len(lines)
     bar = None
-    if value_range is not None and bar_rows:
+    if scale is not None and bar_rows:
         span = (max(bar_rows) - min(bar_rows) + 1) * (tile + gap) - gap
-        bar = colour_bar(span, value_range, title=bar_title)
-    width = label_width + len(columns) * (tile + gap) + gap + (bar.width + 2 * gap if bar is not None else 0)
+        bar = colour_bar(scale, span - 18, font=small)
+    bar_width = max(bar.width, int(small.getlength(bar_title))) + 2 * gap if bar is not None else 0
+    width = label_width + len(columns) * (tile + gap) + gap + bar_width
     height = title_height + caption_height + len(row_labels) * (tile + gap) + gap
     figure = Image.new("RGB", (width, height), PANEL_BACKGROUND)
     draw = ImageDraw.Draw(figure)
-    if title:
-        draw.text((gap, 6), title, fill=TEXT_COLOUR, font=_font(18))
-    small = _font(12)
+    for index, line in enumerate(lines):
+        draw.text((gap, 6 + 22 * index), line, fill=TEXT_COLOUR, font=_font(18 if index == 0 and title else 12))
     top = title_height + caption_height
     for row, label in enumerate(row_labels):
         draw.text((gap, top + row * (tile + gap) + tile // 2 - 6), label, fill=TEXT_COLOUR, font=small)
@@ -201,11 +209,14 @@ def render_grid(
         for row, image in enumerate(tiles):
             figure.paste(_as_rgb(image).resize((tile, tile), Image.Resampling.BILINEAR), (left, top + row * (tile + gap)))
     if bar is not None:
-        figure.paste(bar, (label_width + len(columns) * (tile + gap) + gap, top + min(bar_rows) * (tile + gap)))
+        left, bar_top = label_width + len(columns) * (tile + gap) + gap, top + min(bar_rows) * (tile + gap)
+        draw.text((left, bar_top), bar_title, fill=TEXT_COLOUR, font=small)
+        figure.paste(bar, (left, bar_top + 18))
     return figure
 
 
 __all__ = [
+    "ColourScale",
     "colorize",
     "colour_bar",
     "describe_result",

@@ -91,10 +91,12 @@ def render_category_figure(
     images: Sequence[Image.Image],
     samples: Sequence[FigureSample],
     value_range: tuple[float, float],
+    source: str = "every map of this evaluation",
 ) -> Image.Image:
     """A grid like the paper's appendix figures: a column per sample, rows image / ground truth / anomaly map (the
-    heatmap over the image, half and half), and a colour bar for `value_range` beside the anomaly maps."""
-    from ..visualization import overlay_heatmap, render_grid
+    heatmap over the image, half and half), and a colour bar for `value_range` beside the anomaly maps; `source`
+    says where the range comes from."""
+    from ..visualization import ColourScale, overlay_heatmap, render_grid
 
     tile = FIGURE_TILE_SIZE
     columns, captions = [], []
@@ -107,10 +109,9 @@ def render_category_figure(
             truth = Image.fromarray(mask.astype(np.uint8) * 255, mode="L").convert("RGB")
         columns.append([rgb, truth, overlay_heatmap(rgb, sample.anomaly_map, alpha=0.5, value_range=value_range)])
         captions.append(f"{sample.defect_type}  {sample.score:.3f}")
-    return render_grid(
-        columns, row_labels=ROW_LABELS, captions=captions, title=category, value_range=value_range, bar_rows=(2,),
-        tile=tile,
-    )
+    scale = ColourScale(float(value_range[0]), float(value_range[1]), source)
+    return render_grid(columns, row_labels=ROW_LABELS, captions=captions, title=category, scale=scale, bar_rows=(2,),
+                       tile=tile)  # fmt: skip
 
 
 __all__ = ["DEFAULT_FIGURE_SAMPLES", "FIGURE_TILE_SIZE", "FigureCollector", "pick_samples", "render_category_figure"]

@@ -328,7 +328,8 @@ def _combine(
             picked = pick_samples([s for s in collector.samples if s.category == category], settings.figure_samples)
             if picked and value_range is not None:
                 images = [decode_image_cell(images_only[s.index]["image"], "image") for s in picked]
-                figures[category] = render_category_figure(category, images, picked, value_range)
+                source = "--figure-range" if figure_value_range else "lowest..highest map value of this evaluation"
+                figures[category] = render_category_figure(category, images, picked, value_range, source)
     info = {"num_images": len(per_image), "num_failures": len(failures), "pixel_metrics_excluded": no_mask}
     if value_range is not None:
         info["figure_value_range"] = [float(value_range[0]), float(value_range[1])]
