@@ -5,7 +5,8 @@ first release's default), in alternating runs, with the load average beside each
     python benchmarks/demo_threads.py --rounds 1 --small    # a quick check (small benchmark, 40 steps)
 
 Each run is a fresh `python -m visualad_cli demo` process with OMP_NUM_THREADS unset, as a user's shell has it.
-The tables must agree: the script prints whether the runs' `metrics.json` means are identical.
+The tables must agree: the script prints the largest difference between the runs' `metrics.json` means (thread
+counts change floating-point summation order, so expect about 1e-7, far below the tables' 0.1 points).
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ def main() -> None:
                 metrics = json.loads((out / "model" / "eval_results" / "metrics.json").read_text())["mean"]
                 means.setdefault(threads, []).append(metrics)
     first = next(iter(means.values()))[0]
-    same = all(m == first for runs in means.values() for m in runs)
-    print("metrics identical across all runs:", same)
+    largest = max(
+        abs(m[name] - first[name]) for runs in means.values() for m in runs for name in first if first[name] is not None
+    )
+    print(f"largest difference between runs' mean metrics: {largest:.2e} (tables show 1e-3 steps)")
 
 
 if __name__ == "__main__":
