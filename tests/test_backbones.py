@@ -367,3 +367,42 @@ def test_dinov3_card_names_the_dinov3_license():
     assert card.data.license == "other" and card.data.to_dict()["license_name"] == "dinov3-license"
     assert "frozen DINOv3 ViT-L/16" in card.text and "[DINOv3 License](" in card.text
     assert "PIL bilinear resize" in card.text
+
+
+# --- training configs for the new families --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, family, epochs",
+    [("dinov3_visa", "dinov3", 4), ("siglip2_visa", "siglip", 1), ("radio_visa", "radio", 4)],
+)
+def test_new_family_configs_hold_the_spec_recipe(name, family, epochs):
+    from pathlib import Path
+
+    from visualad_hf.trainer import parse_args
+
+    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+    model_args, data_args, args = parse_args(["--config", str(configs / f"{name}.yaml")])
+    _, reference_data, reference = parse_args(["--config", str(configs / "clip_visa.yaml")])
+    card = {adapter.card.tag: adapter.card for adapter in ADAPTERS}[family]
+    assert model_args.backbone == card.hub_id
+    assert model_args.image_size == 512 and len(model_args.feature_layers) == 4
+    assert max(model_args.feature_layers) == card.reference_shape[1]  # the deepest feature layer is the last layer
+    assert args.num_train_epochs == epochs
+    assert vars(data_args) == vars(reference_data)
+    recipe = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed", "token_learning_rate",
+              "learning_rate", "min_learning_rate", "adam_beta1", "adam_beta2", "weight_decay",
+              "max_token_grad_norm", "lr_scheduler_type", "mixed_precision")
+    assert {key: getattr(args, key) for key in recipe} == {key: getattr(reference, key) for key in recipe}
+    assert args.output_dir.endswith(f"visualad-{name.split('_')[0]}-visa")
+
+
+@pytest.mark.parametrize("name", ["dinov3", "siglip", "radio"])
+def test_converter_says_no_checkpoint_was_released_for_the_family(name, tmp_path):
+    from visualad_hf.convert import ConversionError, load_backbone
+
+    AutoModel.from_config(FAMILIES[name].vision_config()).save_pretrained(tmp_path)
+    card = backbone_adapter(FAMILIES[name].vision_config()).card
+    for source in (tmp_path, card.hub_id):
+        with pytest.raises(ConversionError, match=f"No released {card.short_name} VisualAD checkpoint exists"):
+            load_backbone(source)
