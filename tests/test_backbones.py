@@ -106,9 +106,10 @@ def test_tokens_go_in_front_and_patches_start_after_the_prefix(name):
 # --- training ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", NAMES)
-def test_one_training_step_reaches_both_tokens(name):
-    model = _model(name).train()
+def test_one_training_step_reaches_both_tokens(name, attn):
+    model = _model(name, attn=attn).train()
     pixel_values, labels, masks = _inputs(model.config.image_size)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -176,7 +177,8 @@ def test_dinov3_rope_augmentation_stays_off_in_training():
 def test_token_position_embeddings_per_family():
     clip, dinov2, siglip = _model("clip"), _model("dinov2"), _model("siglip")
     assert torch.equal(clip._embed(torch.zeros(1, 3, 70, 70))[1], clip.backbone.embeddings.position_embedding.weight[0])
-    assert torch.equal(dinov2._embed(torch.zeros(1, 3, 70, 70))[1], dinov2.backbone.embeddings.position_embeddings[0, 0])
+    dinov2_cls = dinov2.backbone.embeddings.position_embeddings[0, 0]
+    assert torch.equal(dinov2._embed(torch.zeros(1, 3, 70, 70))[1], dinov2_cls)
     table = siglip.backbone.embeddings.position_embedding.weight
     torch.testing.assert_close(siglip._embed(torch.zeros(1, 3, 80, 80))[1], table.mean(0))
     for name in ("dinov3", "radio"):  # no absolute position on CLS there, so none on the tokens either
@@ -295,7 +297,8 @@ def test_from_backbone_full_siglip_checkpoint(tmp_path):
     from transformers import SiglipConfig, SiglipModel
 
     vision = FAMILIES["siglip"].vision_config()
-    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 100}
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "vocab_size": 100}
     full = SiglipModel(SiglipConfig(vision_config=vision.to_dict(), text_config=text))
     full.save_pretrained(tmp_path)
     model = VisualADModel.from_backbone(str(tmp_path), feature_layers=[4], image_size=80)

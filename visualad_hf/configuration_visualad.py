@@ -184,8 +184,9 @@ class VisualADConfig(PreTrainedConfig):
             )
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
-            if value is not None and (len(value) != 3 or (name == "image_std" and min(value) <= 0)):
-                raise ValueError(f"{name}={value} must hold 3 values (R, G, B){', all > 0' if name == 'image_std' else ''}.")
+            positive = name == "image_std"
+            if value is not None and (len(value) != 3 or (positive and min(value) <= 0)):
+                raise ValueError(f"{name}={value} must hold 3 values (R, G, B){', all > 0' if positive else ''}.")
         patch = self.patch_size
         if self.image_size <= 0 or self.image_size % patch:
             raise ValueError(
