@@ -409,3 +409,17 @@ def test_converter_says_no_checkpoint_was_released_for_the_family(name, tmp_path
     for source in (tmp_path, card.hub_id):
         with pytest.raises(ConversionError, match=f"No released {card.short_name} VisualAD checkpoint exists"):
             load_backbone(source)
+
+
+def test_radio_checkpoint_without_layer_scales_loads_with_identity_scales(tmp_path):
+    """C-RADIO has no LayerScale: its checkpoints lack the (identity) `lambda1` tensors, which RADIO's own class
+    allows; from_backbone accepts that and gives them RADIO's own init, not VisualAD's or leftover memory."""
+    from safetensors.torch import load_file, save_file
+
+    AutoModel.from_config(FAMILIES["radio"].vision_config()).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layer_scale" not in k}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    model = VisualADModel.from_backbone(str(tmp_path), feature_layers=[4], image_size=80)
+    scales = [p for n, p in model.backbone.named_parameters() if "layer_scale" in n]
+    assert scales and all(torch.equal(p, torch.ones_like(p)) for p in scales)
