@@ -223,7 +223,7 @@ def _hf_vision_model(files) -> CLIPVisionModel:
 def test_hugging_face_folders_convert_like_the_openai_file(files, reference_state, tmp_path):
     vision = _hf_vision_model(files)
     vision.save_pretrained(tmp_path / "clip-vision")
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=49408)
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 49408}
     full = CLIPModel(CLIPConfig(vision_config=vision.config.to_dict(), text_config=text, projection_dim=16))
     full.vision_model.load_state_dict(vision.state_dict())
     full.save_pretrained(tmp_path / "clip-full")
@@ -396,9 +396,10 @@ def test_cli_writes_a_loadable_folder_and_push_fails_clearly_offline(files, tmp_
         ["convert", "--backbone", str(files["clip_path"]), "--checkpoint", str(files["ckpt"]), "--output", str(output),
          "--dtype", "bfloat16", "--push-to-hub", "someone/visualad-test"]
     )  # fmt: skip
-    assert status == 1
+    assert status == 1  # the folder is complete, only the upload failed
     error = capsys.readouterr().err
-    assert f"The converted model in {output} is complete" in error and "hf upload someone/visualad-test" in error
+    assert f"The model is complete in {output}" in error and f"hf upload someone/visualad-test {output}" in error
+    assert error.strip().splitlines()[-1].startswith("visualad convert: error: Not uploaded to someone/visualad-test")
     written = {path.name for path in output.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= written
     model = VisualADModel.from_pretrained(output)
@@ -411,7 +412,7 @@ def test_cli_reports_errors_without_a_traceback(files, tmp_path, capsys):
         ["convert", "--backbone", str(files["clip_path"]), "--checkpoint", str(tmp_path / "nope.pth"),
          "--output", str(tmp_path / "o")]
     )  # fmt: skip
-    assert status == 1
+    assert status == 2  # the dispatcher's status for errors a user can fix (VisualADError)
     assert "visualad convert: error: --checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
