@@ -12,7 +12,7 @@ anything is decompressed or allocated, in this order:
    (CPython's unpickler allocates a memo array as long as the largest index: 8 bytes of pickle could ask for 64 GiB);
 3. the unpickled tree, in which storages and tensors are still placeholders: the module tree is at most `max_depth`
    deep, each storage has its data member, at least as long as declared, each tensor view lies inside its storage
-   and holds no more elements than it, and the storages plus the views add up to no more than the budget;
+   and holds no more elements than it, and the views add up to no more than the budget;
 4. only then are the storages read (exactly their declared bytes, in chunks) and the tensors built.
 
 Every refusal is a `ConversionError` naming the file.
@@ -320,7 +320,8 @@ def _collect_tensors(root: Any, limits: ArchiveLimits) -> dict[str, _TensorRecor
         if depth >= limits.max_depth:
             raise _Refused(f"its module tree is nested more than {limits.max_depth} levels deep (at {name[:80]}…)")
         seen.add(id(node))
-        for attribute, value in reversed(list(node.attributes.items())):
+        attributes = getattr(node, "attributes", None) or {}  # a record the pickle never gave a state has none
+        for attribute, value in reversed(list(attributes.items())):
             child = f"{name}.{attribute}" if name else str(attribute)
             if len(child) > limits.max_name_chars:
                 raise _Refused(f"a tensor name is longer than {limits.max_name_chars} characters ({child[:60]}…)")
@@ -357,10 +358,13 @@ def _check_declared(
     file_size: int,
     limits: ArchiveLimits,
 ) -> dict[str, tuple[zipfile.ZipInfo, _StorageRecord]]:
-    """Every check on what the pickle declares; returns each storage the tensors use with its data member."""
+    """Every check on what the pickle declares; returns each storage the tensors use with its data member.
+
+    The storages need no total of their own: each is at most its member, and the members' total is bounded already.
+    """
     budget = limits.budget(file_size)
     members: dict[str, tuple[zipfile.ZipInfo, _StorageRecord]] = {}
-    storage_bytes = view_bytes = 0
+    view_bytes = 0
     for name, tensor in tensors.items():
         _check_view(name, tensor)
         view_bytes += tensor.numel * tensor.storage.dtype.itemsize
@@ -378,13 +382,11 @@ def _check_declared(
                 f"member {member} holds {_size(info.file_size)}"
             )
         members[storage.key] = (info, storage)
-        storage_bytes += storage.nbytes
-    for what, total in (("its storages", storage_bytes), ("its tensors", view_bytes)):
-        if total > budget:
-            raise _Refused(
-                f"{what} declare {_size(total)}, more than {limits.max_expansion:g} times the file's own "
-                f"{_size(file_size)}; refused before allocating anything"
-            )
+    if view_bytes > budget:
+        raise _Refused(
+            f"its tensors declare {_size(view_bytes)}, more than {limits.max_expansion:g} times the file's own "
+            f"{_size(file_size)}; refused before allocating anything"
+        )
     return members
 
 
