@@ -225,7 +225,8 @@ def _hf_vision_model(files) -> CLIPVisionModel:
 def test_hugging_face_folders_convert_like_the_openai_file(files, reference_state, tmp_path):
     vision = _hf_vision_model(files)
     vision.save_pretrained(tmp_path / "clip-vision")
-    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 49408}
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text["vocab_size"] = 49408
     full = CLIPModel(CLIPConfig(vision_config=vision.config.to_dict(), text_config=text, projection_dim=16))
     full.vision_model.load_state_dict(vision.state_dict())
     full.save_pretrained(tmp_path / "clip-full")

@@ -200,14 +200,15 @@ def test_declared_64_gib_storage_is_refused_without_allocating(tmp_path, must_no
     numel = (64 << 30) // 4
     root = Module(weight=Tensor(Storage("0", numel), (1 << 16, 1 << 16 << 2)))
     path = craft_archive(tmp_path / "huge.pt", pickle_bytes(root), {"0": floats([1.0])})
-    refused(path, r"storage 0 declares 17179869184 x torch\.float32 \(64\.0 GiB\) but its member ts/data/0 holds 4 bytes")
+    refused(path, r"storage 0 declares 17179869184 x torch\.float32 \(64\.0 GiB\) but its member ts/data/0 holds 4 "
+                  r"bytes")  # fmt: skip
 
 
 def test_four_byte_storage_viewed_as_16384_squared_is_refused(tmp_path, must_not_read):
     root = Module(weight=Tensor(Storage("0", 1), (16384, 16384), (0, 0)))
     path = craft_archive(tmp_path / "expand.pt", pickle_bytes(root), {"0": floats([1.0])})
-    refused(path, r"tensor weight \(size \[16384, 16384\], stride \[0, 0\], offset 0: 268435456 elements .*does not fit "
-                  r"in its storage 0 of 1 elements")  # fmt: skip
+    refused(path, r"tensor weight \(size \[16384, 16384\], stride \[0, 0\], offset 0: 268435456 elements .*does "
+                  r"not fit in its storage 0 of 1 elements")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -237,7 +238,7 @@ def test_many_views_of_one_storage_are_bounded_in_total(tmp_path, must_not_read)
     storage = Storage("0", numel)
     root = Module(**{f"copy{i}": Tensor(storage, (numel,)) for i in range(40)})
     path = craft_archive(tmp_path / "copies.pt", pickle_bytes(root), {"0": bytes(numel * 4)})
-    refused(path, r"its tensors declare 40\.0 MiB, more than 4 times the file's own 1\.0 MiB; refused before allocating")
+    refused(path, r"its tensors declare 40\.0 MiB, more than 4 times the file's own 1\.0 MiB; refused before")
 
 
 def test_storage_declared_twice_differently_is_refused(tmp_path, must_not_read):
@@ -341,7 +342,8 @@ def test_tensor_on_something_other_than_a_storage(tmp_path):
 def test_oversized_pickle_and_big_endian(tmp_path):
     path = craft_archive(tmp_path / "ok.pt", pickle_bytes(valid_root()), valid_members())
     refused(path, r"its data\.pkl declares .* more than the 10 bytes", limits=ArchiveLimits(max_pickle_bytes=10))
-    path = craft_archive(tmp_path / "be.pt", pickle_bytes(valid_root()), valid_members(), extra={"ts/byteorder": b"big"})
+    big_endian = {"ts/byteorder": b"big"}
+    path = craft_archive(tmp_path / "be.pt", pickle_bytes(valid_root()), valid_members(), extra=big_endian)
     refused(path, r"big-endian archives are not supported")
 
 

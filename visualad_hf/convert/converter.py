@@ -35,8 +35,9 @@ DEFAULT_FINAL_LAYERNORM: FinalLayerNorm = "backbone"
 # What each choice means, in the words the model card and the converter's summary use.
 FINAL_LAYERNORM_DESCRIPTIONS = {
     "backbone": (
-        "the backbone's own final LayerNorm (CLIP's ln_post), as the authors' released evaluation script test.py uses "
-        "it: test.py never loads the checkpoint's trained ln_post_weight/ln_post_bias, and it produced the paper's table"
+        "the backbone's own final LayerNorm (CLIP's ln_post), as the authors' released evaluation script test.py "
+        "uses it: test.py never loads the checkpoint's trained ln_post_weight/ln_post_bias, and it produced the "
+        "paper's table"
     ),
     "checkpoint": (
         "the final LayerNorm trained with the heads (the checkpoint's ln_post_weight/ln_post_bias), as the authors' "
@@ -125,9 +126,8 @@ def convert_checkpoint(
     problems = sorted(info["missing_keys"]) + sorted(info["unexpected_keys"]) + info["error_msgs"]
     if problems:  # `_check_against_model` makes this unreachable unless the model itself changed.
         raise RuntimeError(f"Converted weights did not load cleanly: {listing(problems)}")
-    return ConvertedCheckpoint(
-        model.eval(), backbone, checkpoint_path, file_sha256(checkpoint_path), checkpoint_info(released), final_layernorm
-    )
+    sha256, info = file_sha256(checkpoint_path), checkpoint_info(released)
+    return ConvertedCheckpoint(model.eval(), backbone, checkpoint_path, sha256, info, final_layernorm)
 
 
 @contextlib.contextmanager

@@ -463,10 +463,20 @@ def _load(archive: zipfile.ZipFile, source: str, file_size: int, limits: Archive
         raise _Refused("its data.pkl holds no tensors")
     members = _check_declared(records, archive, prefix, file_size, limits)
     flat = {key: _read_storage(archive, info, storage) for key, (info, storage) in members.items()}
+    users = collections.Counter(record.storage.key for record in records.values())
     return {
-        name: flat[record.storage.key].as_strided(record.size, record.stride, record.offset).clone()
+        name: _materialize(record, flat[record.storage.key], users[record.storage.key])
         for name, record in records.items()
     }
+
+
+def _materialize(record: _TensorRecord, flat: torch.Tensor, users: int) -> torch.Tensor:
+    """The tensor of a checked view: the storage itself when it is its only, whole, contiguous user (no second copy
+    of the weights in memory), else a copy, so that no two returned tensors share memory."""
+    whole = record.offset == 0 and record.numel == flat.numel()
+    if users == 1 and whole and torch.empty(record.size, device="meta").stride() == record.stride:
+        return flat.view(record.size)
+    return flat.as_strided(record.size, record.stride, record.offset).clone()
 
 
 __all__ = ["DEFAULT_LIMITS", "ArchiveLimits", "check_zip_members", "is_torchscript_archive", "load_torchscript_tensors"]
