@@ -354,7 +354,7 @@ def test_nan_batch_is_skipped_counted_and_logged(synthetic_dir, tmp_path, monkey
         model_ref.append(original_build(model_args))
         return model_ref[0]
 
-    monkeypatch.setattr(trainer, "build_model", build_and_keep)
+    monkeypatch.setattr(trainer.builders, "build_model", build_and_keep)  # where the loop looks it up
     with caplog.at_level("WARNING", logger="visualad_hf.trainer"):
         result = run_tiny(synthetic_dir, tmp_path / "nan", "--max_steps", "3", "--save_steps", "0",
                           "--eval_strategy", "no", callbacks=[snapshot])  # fmt: skip
