@@ -214,6 +214,8 @@ def recover_interrupted_contents_swap(folder: str | os.PathLike) -> str | None:
     """
     folder = Path(folder)
     journal, staging, aside = folder / CONTENTS_JOURNAL, folder / CONTENTS_STAGING, folder / CONTENTS_ASIDE
+    for path in folder.glob(f".{CONTENTS_JOURNAL}.*{STAGING_SUFFIX}"):  # `write_json` of a journal, cut short
+        path.unlink(missing_ok=True)
     if not journal.exists():
         leftovers = [path for path in (staging, aside) if path.exists()]
         for path in leftovers:
