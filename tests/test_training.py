@@ -576,6 +576,19 @@ def test_output_folder_that_is_not_ours_or_holds_a_model_is_refused(finished_run
     assert result.global_step == 4 and (model_only / "model.safetensors").is_file()
 
 
+def _dying_replace(kill_at: int):
+    """`os.replace` that ends the process at its `kill_at`-th call the way a kill does: no cleanup code runs."""
+    calls, replace = {"n": 0}, os.replace
+
+    def dying_replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            os._exit(9)
+        replace(src, dst)
+
+    return dying_replace
+
+
 def test_interrupted_final_swap_is_undone_at_every_point(tmp_path):
     """Kill (os._exit in a forked child) at every rename of the final-model swap: afterwards, recovery leaves
     exactly the old model or exactly the new one beside the untouched checkpoints."""
@@ -609,16 +622,7 @@ def test_interrupted_final_swap_is_undone_at_every_point(tmp_path):
         folder = fresh(tmp_path / f"kill-{kill_at}")
         pid = os.fork()
         if pid == 0:  # the child: swap in the new model, dying at the kill_at-th rename
-            calls = {"n": 0}
-            replace = os.replace
-
-            def dying_replace(src, dst):
-                calls["n"] += 1
-                if calls["n"] == kill_at:
-                    os._exit(9)
-                replace(src, dst)
-
-            os.replace = dying_replace
+            os.replace = _dying_replace(kill_at)
             with hub.staged_contents(folder) as staging:
                 write(staging, "new")
                 (staging / "extra.json").write_text("new only")
@@ -653,9 +657,10 @@ def test_missing_synthetic_data_says_how_to_write_it(tmp_path, capsys):
 
 
 def test_anomalous_image_without_mask_is_left_out_of_the_segmentation_loss(tiny_config):
+    from PIL import Image
+
     from visualad_hf import VisualADImageProcessor, VisualADModel
     from visualad_hf.data.collator import VisualADCollator
-    from PIL import Image
 
     torch.manual_seed(0)
     model = VisualADModel(tiny_config).eval()

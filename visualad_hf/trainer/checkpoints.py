@@ -37,8 +37,14 @@ from torch import nn
 
 from ..errors import VisualADError
 from ..hub import DiskFullError, fsync_dir, fsync_tree, is_disk_full, recover_interrupted_swap, replace_path, write_json
-from .arguments import RECIPE_ARGUMENTS, TRAINING_ARGS_NAME, Arguments, arguments_to_dict, read_saved_arguments
-from .arguments import save_arguments
+from .arguments import (
+    RECIPE_ARGUMENTS,
+    TRAINING_ARGS_NAME,
+    Arguments,
+    arguments_to_dict,
+    read_saved_arguments,
+    save_arguments,
+)
 from .state import TRAINER_STATE_NAME, TrainerState
 
 logger = logging.getLogger("visualad_hf.trainer")
@@ -362,7 +368,7 @@ def raise_if_any_failed(accelerator, error: BaseException | None, *, disk_full: 
 def _attempt(function: Callable[..., Any], *args, **kwargs) -> BaseException | None:
     try:
         function(*args, **kwargs)
-    except Exception as error:  # handed to `raise_if_any_failed`, which re-raises it on this process
+    except Exception as error:  # noqa: BLE001 - handed to `raise_if_any_failed`, which re-raises it here
         return error
     return None
 
@@ -503,8 +509,8 @@ def resume(accelerator, checkpoint: Path, fresh: TrainerState, *, arguments=None
 
 __all__ = [
     "CHECKSUMS_NAME",
-    "CheckpointError",
     "TRAINER_STATE_NAME",
+    "CheckpointError",
     "checkpoint_dir",
     "choose_checkpoint",
     "config_mismatches",

@@ -203,7 +203,7 @@ def _schedule_length(args: VisualADTrainingArguments, steps_per_epoch: int) -> t
 
 def start_logging(run: Run) -> None:
     """Start the trackers and say what is about to be trained."""
-    model_args, data_args, args = run.arguments
+    _, data_args, args = run.arguments
     if args.report_to:
         run.accelerator.init_trackers(args.run_name, config=_tracker_config(*run.arguments))
     logger.info(
@@ -326,7 +326,7 @@ def save_final_folder(run: Run) -> None:
             output.save_final(run.unwrapped, run.image_processor, run.output_dir, state=run.state,
                               arguments=run.arguments, eval_results=run.eval_results,
                               training_loss=run.state.training_loss)  # fmt: skip
-        except Exception as caught:  # shared with the other processes below, then re-raised here
+        except Exception as caught:  # noqa: BLE001 - shared with the other processes below, then re-raised here
             error = caught
     checkpoints.raise_if_any_failed(accelerator, error, disk_full=f"writing the final model into {run.output_dir}")
     accelerator.end_training()

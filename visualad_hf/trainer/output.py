@@ -33,8 +33,7 @@ from ..hub import (
 )
 from ..modeling_visualad import VisualADModel
 from . import checkpoints
-from .arguments import TRAINING_ARGS_NAME, Arguments, TrainingArgumentError, VisualADTrainingArguments
-from .arguments import save_arguments
+from .arguments import TRAINING_ARGS_NAME, Arguments, TrainingArgumentError, VisualADTrainingArguments, save_arguments
 from .state import TRAINER_STATE_NAME, TrainerState
 
 logger = logging.getLogger("visualad_hf.trainer")
@@ -213,8 +212,8 @@ def write_model_card(
 __all__ = [
     "CONTENTS_MANIFEST",
     "EVAL_RESULTS_DIR",
-    "OutputDirError",
     "TRAIN_RESULTS_NAME",
+    "OutputDirError",
     "check_output_dir",
     "delete_old_checkpoints",
     "recover_output_dir",
