@@ -460,6 +460,10 @@ def resume_mismatches(checkpoint: Path, saved_state: dict[str, Any], fresh: Trai
     """Everything that differs between the run that wrote `checkpoint` and this one: model config, recipe, and the
     data position (steps per epoch, batch size, processes, dataset and backbone fingerprints)."""
     problems = []
+    unchecked = [name for name in (CONFIG_NAME, TRAINING_ARGS_NAME) if not (checkpoint / name).is_file()]
+    if unchecked:
+        logger.warning("%s has no %s (written by an older version): that part of the run is not compared.",
+                       checkpoint, " or ".join(unchecked))  # fmt: skip
     if (checkpoint / CONFIG_NAME).is_file() and config is not None:
         problems += config_mismatches(_read_json(checkpoint / CONFIG_NAME), config.to_dict())
     if (checkpoint / TRAINING_ARGS_NAME).is_file() and arguments is not None:
