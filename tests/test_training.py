@@ -683,3 +683,25 @@ def test_anomalous_image_without_mask_is_left_out_of_the_segmentation_loss(tiny_
     assert torch.allclose(flagged.loss_seg, known_only.loss_seg, atol=1e-6)
     assert not torch.allclose(flagged.loss_seg, unflagged.loss_seg)  # the old behaviour counted it as all-normal
     assert float(none_known.loss_seg) == 0.0 and torch.isfinite(none_known.loss)
+
+
+def test_collator_hook_is_told_each_epoch(synthetic_dir, tmp_path, monkeypatch):
+    """`loop.build_collator` is where data options wrap the collator; one with `set_epoch` hears every epoch."""
+    from visualad_hf.trainer import loop
+
+    epochs = []
+
+    class EpochAware:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, rows):
+            return self.inner(rows)
+
+        def set_epoch(self, epoch):
+            epochs.append(epoch)
+
+    build = loop.build_collator
+    monkeypatch.setattr(loop, "build_collator", lambda *a: EpochAware(build(*a)))
+    result = run_tiny(synthetic_dir, tmp_path / "epochs", "--max_steps", "5", "--save_steps", "0", "--eval_strategy", "no")
+    assert result.global_step == 5 and epochs == [0, 1]

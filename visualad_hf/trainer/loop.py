@@ -154,7 +154,8 @@ def set_up(accelerator, arguments: Arguments, resume_dir: Path | None) -> Run:
         model.activation_checkpointing_enable()
     image_processor = VisualADImageProcessor.from_model_config(model.config)
     train_dataset, eval_dataset = builders.load_datasets(data_args, args.seed)
-    train_dataloader = accelerator.prepare(build_train_dataloader(train_dataset, image_processor, args))
+    collator = build_collator(image_processor, data_args, args)
+    train_dataloader = accelerator.prepare(build_train_dataloader(train_dataset, collator, args))
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs, max_steps = _schedule_length(args, steps_per_epoch)
 
@@ -180,11 +181,17 @@ def set_up(accelerator, arguments: Arguments, resume_dir: Path | None) -> Run:
                train_dataset, eval_dataset, state, Path(args.output_dir))  # fmt: skip
 
 
-def build_train_dataloader(train_dataset, image_processor, args: VisualADTrainingArguments) -> DataLoader:
-    """Shuffled batches of processed images, masks, labels and `has_mask` flags (see `VisualADCollator`)."""
+def build_collator(image_processor, data_args: DataArguments, args: VisualADTrainingArguments):
+    """The training collator: processed images, masks, labels and `has_mask` flags (see `VisualADCollator`). Data
+    options that change training batches (e.g. synthetic anomalies) wrap it here; a collator with a `set_epoch`
+    method is told each epoch before its batches are drawn (so on-the-fly changes are reproducible on resume)."""
     from ..data.collator import VisualADCollator
 
-    collator = VisualADCollator(image_processor, metadata_columns=("image_path",))
+    return VisualADCollator(image_processor, metadata_columns=("image_path",))
+
+
+def build_train_dataloader(train_dataset, collator, args: VisualADTrainingArguments) -> DataLoader:
+    """Shuffled batches of `per_device_train_batch_size` (Accelerate's seedable sampler replaces the order)."""
     return DataLoader(
         train_dataset,
         batch_size=args.per_device_train_batch_size,
@@ -366,6 +373,8 @@ def _epoch_loader(run: Run, sampler, epoch: int):
     if skip_batches > 0:
         loader = run.accelerator.skip_first_batches(run.train_dataloader, skip_batches)
     loader.set_epoch(epoch)
+    if hasattr(run.train_dataloader.collate_fn, "set_epoch"):
+        run.train_dataloader.collate_fn.set_epoch(epoch)
     if hasattr(sampler, "set_epoch"):  # the skipping loader does not always reach the shared sampler itself
         sampler.set_epoch(epoch)
     return loader
@@ -522,6 +531,7 @@ __all__ = [
     "MODEL_INPUTS",
     "Run",
     "after_optimizer_step",
+    "build_collator",
     "build_train_dataloader",
     "clip_token_gradients",
     "create_accelerator",
