@@ -346,9 +346,12 @@ def register_heads_only_checkpointing(accelerator) -> None:
 # Saving
 
 
-def raise_if_any_failed(accelerator, error: BaseException | None, *, disk_full: str, cleanup: Path | None = None):
-    """Agree across processes on whether a save failed (so no process waits forever for one that gave up), remove
-    the incomplete `cleanup` folder, and raise: `DiskFullError(disk_full)` for a full disk, else the error itself."""
+def raise_if_any_failed(
+    accelerator, error: BaseException | None, *, what: str, disk_full: str, cleanup: Path | None = None
+) -> None:
+    """Agree across processes on whether a save (`what`) failed, so that no process waits forever for one that gave
+    up; remove the incomplete `cleanup` folder and raise: `DiskFullError(disk_full)` for a full disk, else the error
+    itself (on the processes where it happened; the others raise a `CheckpointError` pointing to it)."""
     failed = error is not None
     if accelerator.num_processes > 1:
         flag = torch.tensor(float(failed), device=accelerator.device)
@@ -358,7 +361,7 @@ def raise_if_any_failed(accelerator, error: BaseException | None, *, disk_full: 
     if cleanup is not None and accelerator.is_main_process:
         shutil.rmtree(cleanup, ignore_errors=True)
     if error is None:
-        raise CheckpointError(f"Another process failed while saving into {cleanup}; see its message.")
+        raise CheckpointError(f"Another process failed while {what}; see its message.")
     if is_disk_full(error):
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
         raise DiskFullError(f"The disk is full{where}: {disk_full}") from error
@@ -407,10 +410,10 @@ def save_checkpoint(
     error = _attempt(accelerator.save_state, str(tmp_dir))
     if error is None and accelerator.is_main_process:
         error = _attempt(_write_run_settings, tmp_dir, arguments, config)
-    raise_if_any_failed(accelerator, error, disk_full=disk_full, cleanup=tmp_dir)
+    raise_if_any_failed(accelerator, error, what=f"writing {final}", disk_full=disk_full, cleanup=tmp_dir)
     if accelerator.is_main_process:
         error = _attempt(finalize_checkpoint, tmp_dir, state.to_dict())
-    raise_if_any_failed(accelerator, error, disk_full=disk_full, cleanup=tmp_dir)
+    raise_if_any_failed(accelerator, error, what=f"writing {final}", disk_full=disk_full, cleanup=tmp_dir)
     if accelerator.is_main_process:
         removed = rotate_checkpoints(output_dir, save_total_limit)
         logger.info("Saved %s%s", final, f"; removed {[p.name for p in removed]}" if removed else "")

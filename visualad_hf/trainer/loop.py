@@ -335,7 +335,8 @@ def save_final_folder(run: Run) -> None:
                               training_loss=run.state.training_loss)  # fmt: skip
         except Exception as caught:  # noqa: BLE001 - shared with the other processes below, then re-raised here
             error = caught
-    checkpoints.raise_if_any_failed(accelerator, error, disk_full=f"writing the final model into {run.output_dir}")
+    what = f"writing the final model into {run.output_dir}"
+    checkpoints.raise_if_any_failed(accelerator, error, what=what, disk_full=f"{what} failed.")
     accelerator.end_training()
 
 
