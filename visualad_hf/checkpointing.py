@@ -5,7 +5,14 @@ keeps working; new code should import `visualad_hf.trainer.checkpoints`.
 """
 
 import sys
+import warnings
 
 from .trainer import checkpoints as _checkpoints
 
+warnings.warn(
+    "visualad_hf.checkpointing is deprecated and will be removed in the next release; "
+    "import visualad_hf.trainer.checkpoints instead.",
+    DeprecationWarning,
+    stacklevel=2,
+)
 sys.modules[__name__] = _checkpoints
