@@ -717,3 +717,29 @@ def test_old_checkpointing_import_path_is_the_new_module():
     with pytest.warns(DeprecationWarning, match=r"import visualad_hf\.trainer\.checkpoints instead"):
         old = importlib.import_module("visualad_hf.checkpointing")
     assert old is checkpointing
+
+
+def test_training_from_a_converted_folder_starts_from_its_final_layernorm(synthetic_dir, tmp_path, caplog):
+    """`--model_name_or_path` loads every weight of the folder, the final LayerNorm included; the trained folder no
+    longer claims to hold the converted LayerNorm."""
+    from visualad_hf import VisualADConfig, VisualADModel
+
+    converted = tmp_path / "converted"
+    torch.manual_seed(0)
+    config = VisualADConfig(vision_config=TINY_VISION, feature_layers=[1, 2], image_size=32, gaussian_sigma=1.0,
+                            max_patches=64, final_layernorm_source="backbone")  # fmt: skip
+    start = VisualADModel(config)
+    with torch.no_grad():
+        start.final_layernorm.weight.uniform_(0.5, 1.5)  # not what a fresh model would hold
+    start.save_pretrained(converted)
+    argv = tiny_argv(synthetic_dir, tmp_path / "out", "--max_steps", "1", "--save_steps", "0", "--eval_strategy", "no")
+    index = argv.index("--vision_config")
+    argv[index : index + 2] = ["--model_name_or_path", str(converted)]
+    model_args = parse_args(argv)[0]
+    built = trainer.build_model(model_args)
+    assert torch.equal(built.final_layernorm.weight, start.final_layernorm.weight)
+    with caplog.at_level("INFO", logger="visualad_hf.trainer"):
+        train(*parse_args(argv))
+    assert any("--final-layernorm backbone: training starts from the backbone's own" in r.message for r in caplog.records)
+    trained = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert trained["final_layernorm_source"] is None

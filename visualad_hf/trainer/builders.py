@@ -37,6 +37,11 @@ def build_model(model_args: ModelArguments) -> VisualADModel:
         model = VisualADModel.from_pretrained(
             model_args.model_name_or_path, dtype=torch.float32, cache_dir=model_args.cache_dir, **overrides
         )
+        source = getattr(model.config, "final_layernorm_source", None)
+        if source is not None:
+            held = "the backbone's own" if source == "backbone" else "the one trained with the released heads"
+            logger.info("%s was converted with --final-layernorm %s: training starts from %s final LayerNorm.",
+                        model_args.model_name_or_path, source, held)  # fmt: skip
     else:
         model = VisualADModel(VisualADConfig(vision_config=model_args.vision_config, **overrides))
     model.freeze_backbone()

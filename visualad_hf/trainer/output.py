@@ -142,7 +142,13 @@ def save_final(
     training_loss: float = float("nan"),
 ) -> None:
     """Write the Hub-ready folder: weights (safetensors), config, image processor, model card, results, arguments,
-    swapped in as a whole (see the module docstring). A full disk raises `DiskFullError` and changes nothing."""
+    swapped in as a whole (see the module docstring). A full disk raises `DiskFullError` and changes nothing.
+
+    A model that started from a converted folder no longer holds the converted final LayerNorm (training changed
+    it), so its config's `final_layernorm_source` (set by `visualad convert`) is cleared.
+    """
+    if getattr(model.config, "final_layernorm_source", None) is not None:
+        model.config.final_layernorm_source = None
     try:
         with staged_contents(output_dir, replaces=LEGACY_FINAL_ENTRIES) as staging:
             model.save_pretrained(staging)
