@@ -194,12 +194,10 @@ class _SilentServer:
         return f"http://127.0.0.1:{self.sock.getsockname()[1]}/image.png"
 
     def _serve(self):
-        import socket
-
         while not self.stop.is_set():
             try:
                 connection, _ = self.sock.accept()
-            except (socket.timeout, OSError):
+            except OSError:  # the accept timeout (TimeoutError) or a closed socket
                 continue
             self.connections.append(connection)
             if self.behaviour is not None:

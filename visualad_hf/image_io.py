@@ -190,7 +190,7 @@ def apply_exif_orientation(image: Image.Image) -> Image.Image:
     """Rotate/flip `image` as its EXIF orientation tag says (no copy when there is nothing to do)."""
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-    except Exception:  # an unreadable EXIF block must not make a readable image fail
+    except Exception:  # noqa: BLE001  (an unreadable EXIF block must not make a readable image fail)
         return image
     return image if orientation == 1 else ImageOps.exif_transpose(image)
 
