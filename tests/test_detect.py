@@ -11,6 +11,7 @@ import torch
 from conftest import png_header_only
 from PIL import Image
 
+from visualad_hf import VisualADModel
 from visualad_hf.cli import main as cli_main
 from visualad_hf.detect import find_images
 
@@ -436,3 +437,25 @@ def test_overlays_use_the_models_fixed_range_and_say_so(model_dir, inputs, tmp_p
     assert panel.width > 3 * 256 + 40  # three tiles and a colour bar
     assert detect(model_dir, inputs, "--output", tmp_path / "fixed", "--heatmap-range", "-1", "1") == 0
     assert json.loads((tmp_path / "fixed" / "results.json").read_text())["settings"]["colour_scale"] == [-1.0, 1.0]
+
+
+def test_an_output_folder_inside_an_input_folder_is_not_scanned(model_dir, inputs, tmp_path):
+    out = inputs / "results"
+    assert detect(model_dir, inputs, "--output", out) == 0
+    assert detect(model_dir, inputs, "--output", out) == 0  # the rerun does not take its own overlays as inputs
+    assert len(read_csv(out / "results.csv")) == 3
+    files, _ = find_images([inputs], exclude=[out])
+    assert not any("results" in str(file.path) for file in files)
+
+
+def test_a_model_retrained_in_place_is_another_setting(tmp_path, inputs, capsys):
+    from conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model")
+    out = tmp_path / "out"
+    assert detect(model, inputs, "--output", out) == 0
+    torch.manual_seed(1)
+    VisualADModel(VisualADModel.config_class.from_pretrained(model)).save_pretrained(model)  # same config, new weights
+    capsys.readouterr()
+    assert detect(model, inputs, "--output", out) == 2
+    assert "model_weights" in capsys.readouterr().err

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import build_detector, detect_to_folder, find_images
     from ..visualization import ColourScale
 
-    files, missing = find_images(args.inputs)
+    files, missing = find_images(args.inputs, exclude=[args.output])
     if not files:
         print(f"No images found in {', '.join(map(str, args.inputs))}.", file=sys.stderr)
         for item in missing:

@@ -58,6 +58,19 @@ def model_fingerprint(config) -> str:
     return hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
 
 
+def _weights_stamp(model: str) -> dict[str, list[int]] | None:
+    """Size and modification time of a local model's weight files: weights retrained in place are a new model
+    (hashing a 1 GB file on every run would be slow). None for a Hub id (its config hash stands for it)."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return None
+    stamps = {}
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin")):
+        stat = path.stat()
+        stamps[path.name] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
 def default_colour_scale(config) -> ColourScale:
     """The colour range of overlays when none is given: the model's full map range (`map_value_bounds`)."""
     return map_value_bounds(len(config.feature_layers))
@@ -100,8 +113,9 @@ def detect_to_folder(
     scale = colour_scale or default_colour_scale(config)
     settings = {
         "command": "visualad detect",
-        "model": model,
+        "model": str(Path(model).resolve()) if Path(model).exists() else model,
         "model_config_sha256": model_fingerprint(config),
+        "model_weights": _weights_stamp(model),
         "threshold": threshold,
         "colour_scale": [scale.low, scale.high] if overlays else None,
         "overlays": overlays,

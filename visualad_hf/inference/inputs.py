@@ -42,21 +42,27 @@ class ScoredFile:
     error: str | None = None
 
 
-def find_images(inputs: Sequence[str | Path]) -> tuple[list[InputFile], list[MissingInput]]:
+def find_images(
+    inputs: Sequence[str | Path], *, exclude: Sequence[str | Path] = ()
+) -> tuple[list[InputFile], list[MissingInput]]:
     """Expand files and folders (recursively, image extensions in any case, hidden entries skipped, sorted).
 
     Returns the files to score and the inputs that do not exist. A file named explicitly is always scored, whatever
-    its extension, so that a mislabelled or broken file is reported rather than skipped.
+    its extension, so that a mislabelled or broken file is reported rather than skipped. Files below an `exclude`
+    folder (e.g. the run's own output folder inside an input folder: its overlays are no inputs) are skipped.
     """
     found: list[InputFile] = []
     missing: list[MissingInput] = []
+    skipped = [Path(folder).resolve() for folder in exclude]
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
             base = path.resolve().name or "input"
             for file in sorted(path.rglob("*")):
                 relative = file.relative_to(path)
-                if file.is_file() and is_image_file(file) and not any(is_hidden(part) for part in relative.parts):
+                if any(is_hidden(part) for part in relative.parts) or not (file.is_file() and is_image_file(file)):
+                    continue
+                if not any(file.resolve().is_relative_to(folder) for folder in skipped):
                     found.append(InputFile(file, Path(base) / relative))
         elif path.is_file():
             found.append(InputFile(path, Path(path.name)))
