@@ -104,6 +104,12 @@ def test_bad_files_are_reported_and_the_run_goes_on(model_dir, inputs, tmp_path,
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # the run restores Pillow's limit
 
 
+def test_an_output_that_is_a_file_is_one_line(model_dir, inputs, tmp_path, capsys):
+    (tmp_path / "taken").write_text("x")
+    assert detect(model_dir, inputs, "--output", tmp_path / "taken") == 2
+    assert "taken is a file; --output must be a folder" in capsys.readouterr().err
+
+
 def test_no_images_is_a_usage_error(model_dir, tmp_path, capsys):
     (tmp_path / "empty_folder").mkdir()
     assert detect(model_dir, tmp_path / "empty_folder", "--out", tmp_path / "out") == 2

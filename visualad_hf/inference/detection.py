@@ -11,6 +11,7 @@ time or overlay name changed) and completes the folder; `overwrite=True` redoes 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import os
@@ -22,7 +23,14 @@ from typing import Any
 from ..hub import write_json
 from ..visualization import ColourScale, map_value_bounds, render_panel
 from .inputs import InputFile, MissingInput, pillow_pixel_limit, score_files
-from .output_folder import STATE_DIR, FolderLock, Journal, prepare_output_folder, write_bytes_atomic
+from .output_folder import (
+    STATE_DIR,
+    FolderLock,
+    Journal,
+    OutputFolderError,
+    prepare_output_folder,
+    write_bytes_atomic,
+)
 
 RESULT_FIELDS = ("path", "status", "score", "is_anomalous", "threshold", "overlay", "error")
 OUTPUTS = ("results.csv", "results.json", "overlays")
@@ -122,7 +130,7 @@ def detect_to_folder(
         "max_pixels": max_pixels,
         "dtype": dtype,
     }
-    output.mkdir(parents=True, exist_ok=True)
+    _make_folder(output)
     with FolderLock(output, "visualad detect") as lock:
         notes = [f"took over the lock of pid {lock.taken_over_from}, which is no longer running"] * bool(
             lock.taken_over_from
@@ -147,6 +155,17 @@ def detect_to_folder(
         records += [DetectionRecord(item.path, "error", error=item.error) for item in missing]
         write_results(output, records, model=model, threshold=threshold, settings=settings)
     return DetectionSummary(output, records, resumed=len(done), notes=notes)
+
+
+def _make_folder(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise OutputFolderError(f"{output} is a file; --output must be a folder (it is created when missing)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OutputFolderError(f"cannot create the output folder {output} ({error.strerror}); choose another one") from error
 
 
 def _finished_entries(journal: Journal, files: Sequence[InputFile], overlays: bool) -> dict[str, DetectionRecord]:
