@@ -465,3 +465,24 @@ def test_a_model_retrained_in_place_is_another_setting(tmp_path, inputs, capsys)
     capsys.readouterr()
     assert detect(model, inputs, "--output", out) == 2
     assert "model_weights" in capsys.readouterr().err
+
+
+def test_panels_label_columns_and_keep_normal_maps_blue_on_the_fixed_range():
+    from visualad_hf.visualization import COLUMN_LABELS, colour_bar, map_value_bounds, render_panel
+
+    rng = np.random.default_rng(0)
+    normal_map = (-3.0 + 0.2 * rng.standard_normal((40, 40))).astype(np.float32)  # a normal image of a 2-layer model
+    image = Image.new("RGB", (40, 40), (128, 128, 128))
+    scale = map_value_bounds(2)
+    assert (scale.low, scale.high) == (-4.0, 4.0)
+    fixed = np.asarray(render_panel(image, normal_map, -2.5, 1.0, value_range=scale))
+    own = np.asarray(render_panel(image, normal_map, -2.5, 1.0))
+    assert fixed.shape == own.shape and fixed.shape[1] > 3 * 256 + 40  # three 256-px tiles and a colour bar
+    tile = slice(8 + 256 + 8, 8 + 2 * 256 + 8)  # the heatmap column
+    heat_fixed, heat_own = fixed[-8 - 256 : -8, tile].reshape(-1, 3), own[-8 - 256 : -8, tile].reshape(-1, 3)
+    assert (heat_fixed[:, 2] > heat_fixed[:, 0]).all()  # blue everywhere: nothing looks anomalous
+    assert (heat_own[:, 0] > 200).any()  # its own min..max paints the same normal map red somewhere
+    assert COLUMN_LABELS == ("image", "heatmap", "overlay")
+    bar = np.asarray(colour_bar(scale, 101, threshold=0.0))
+    assert (bar[50, :14] == 0).all()  # the threshold, at the middle of -4..4, is a black line across the bar
+    assert bar[1, 7, 0] > 100 and bar[1, 7, 2] < 50 and bar[99, 7, 2] > 100  # red at the top, blue at the bottom
