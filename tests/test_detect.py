@@ -486,3 +486,19 @@ def test_panels_label_columns_and_keep_normal_maps_blue_on_the_fixed_range():
     bar = np.asarray(colour_bar(scale, 101, threshold=0.0))
     assert (bar[50, :14] == 0).all()  # the threshold, at the middle of -4..4, is a black line across the bar
     assert bar[1, 7, 0] > 100 and bar[1, 7, 2] < 50 and bar[99, 7, 2] > 100  # red at the top, blue at the bottom
+
+
+def test_a_journal_line_cut_by_a_kill_is_dropped_and_appends_stay_valid(tmp_path):
+    from visualad_hf.inference import Journal
+
+    journal = Journal(tmp_path / "journal.jsonl")
+    journal.append({"n": 1})
+    journal.append({"n": 2})
+    journal.close()
+    with open(journal.path, "ab") as handle:
+        handle.write(b'{"n": 3, "cut')  # the kill came in the middle of this line
+    assert Journal(journal.path).read() == [{"n": 1}, {"n": 2}]
+    resumed = Journal(journal.path)
+    resumed.append({"n": 4})
+    resumed.close()
+    assert Journal(journal.path).read() == [{"n": 1}, {"n": 2}, {"n": 4}]

@@ -51,15 +51,18 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def remove_temporary_files(folder: Path) -> list[Path]:
-    """Remove what a killed writer left behind (`.NAME.XXXXXXXX.tmp` files below `folder`)."""
+def remove_temporary_files(folder: Path, subfolders: Iterable[str] = ()) -> list[Path]:
+    """Remove what a killed writer left behind (`.NAME.XXXXXXXX.tmp` files) directly in `folder` and in its state
+    folder, and anywhere below the `subfolders` the job writes (nothing else: `folder` may hold the user's files)."""
     removed = []
-    for root, _, names in os.walk(folder):
-        for name in names:
-            if _TEMPORARY.match(name):
-                path = Path(root) / name
-                path.unlink(missing_ok=True)
-                removed.append(path)
+    candidates = [path for base in (folder, folder / STATE_DIR) if base.is_dir() for path in base.iterdir()]
+    for name in subfolders:
+        if (folder / name).is_dir():
+            candidates += [Path(root) / entry for root, _, names in os.walk(folder / name) for entry in names]
+    for path in candidates:
+        if _TEMPORARY.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
 
 
@@ -207,6 +210,7 @@ def prepare_output_folder(
     the earlier run's outputs and journal (nothing else in the folder).
     """
     state = folder / STATE_DIR
+    outputs = tuple(outputs)
     settings_path = state / "settings.json"
     settings = json.loads(json.dumps(settings))  # as they read back from JSON (tuples become lists)
     previous = _read_settings(settings_path)
@@ -230,7 +234,7 @@ def prepare_output_folder(
             target = folder / name
             shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
         (state / "journal.jsonl").unlink(missing_ok=True)
-    remove_temporary_files(folder)
+    remove_temporary_files(folder, outputs)
     write_json(settings_path, settings)
     fsync_dir(state)
     return resumed
