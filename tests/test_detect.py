@@ -108,6 +108,9 @@ def test_an_output_that_is_a_file_is_one_line(model_dir, inputs, tmp_path, capsy
     (tmp_path / "taken").write_text("x")
     assert detect(model_dir, inputs, "--output", tmp_path / "taken") == 2
     assert "taken is a file; --output must be a folder" in capsys.readouterr().err
+    assert detect(model_dir, inputs, "--output", model_dir) == 2
+    assert "is a model folder; write the results to another folder" in capsys.readouterr().err
+    assert not (model_dir / "overlays").exists()
 
 
 def test_no_images_is_a_usage_error(model_dir, tmp_path, capsys):

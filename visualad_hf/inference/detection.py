@@ -23,6 +23,7 @@ from typing import Any
 from ..hub import write_json
 from ..visualization import ColourScale, map_value_bounds, render_panel
 from .inputs import InputFile, MissingInput, pillow_pixel_limit, score_files
+from .loading import WEIGHT_FILES
 from .output_folder import (
     STATE_DIR,
     FolderLock,
@@ -160,6 +161,8 @@ def detect_to_folder(
 def _make_folder(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise OutputFolderError(f"{output} is a file; --output must be a folder (it is created when missing)")
+    if (output / "config.json").is_file() and any((output / name).is_file() for name in WEIGHT_FILES):
+        raise OutputFolderError(f"{output} is a model folder; write the results to another folder")
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
