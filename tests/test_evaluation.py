@@ -259,7 +259,7 @@ def test_cli_flags_old_spellings_and_model_mistakes(workspace, tmp_path, capsys)
 
     not_a_model = tmp_path / "not_a_model"
     not_a_model.mkdir()
-    for model, message in [(not_a_model, "is not a model folder"), (tmp_path / "missing" / "m", "does not exist")]:
+    for model, message in [(not_a_model, "is not a model folder"), (tmp_path / "missing" / "m", "no such model folder")]:
         assert cli_main(["evaluate", "--model", str(model), *common]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err

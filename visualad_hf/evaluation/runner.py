@@ -21,13 +21,12 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import VisualADError
+from ..inference.loading import ModelLoadError  # one error type for every model mistake
 from ..metrics import AnomalyMetrics
 from ..metrics.functional import DEFAULT_FPR_LIMIT, DEFAULT_NUM_THRESHOLDS
 from .figures import DEFAULT_FIGURE_SAMPLES, FigureCollector, pick_samples, render_category_figure
@@ -38,10 +37,6 @@ MAX_LISTED = 20  # file names a warning lists before it says "(+N more)"
 
 CategoryHook = Callable[[str], None]
 """Called with a category's name before the first of its images is scored (e.g. to set few-shot references)."""
-
-
-class ModelLoadError(VisualADError):
-    """The `--model` argument does not name a loadable VisualAD model."""
 
 
 @dataclass(frozen=True)
@@ -370,31 +365,13 @@ def evaluate_benchmark(
 
 
 def load_model_and_processor(model_id: str):
-    """A `VisualADModel` and its image processor (the saved one, else one built from the model config).
+    """A `VisualADModel` (eval mode, CPU, fp32) and its image processor: `visualad_hf.inference`'s one model loader,
+    whose mistakes (a missing path, a folder without `config.json`, another model type, a Hub id while offline) are
+    `ModelLoadError`s with one line saying what to pass instead."""
+    from ..inference import load_model_for_inference
 
-    Anything that is not a loadable VisualAD model (a missing path, a folder without `config.json`, another
-    model type, a Hub id while offline) raises `ModelLoadError` with one line saying what to pass instead.
-    """
-    from ..image_processing_visualad import VisualADImageProcessor
-    from ..modeling_visualad import VisualADModel
-
-    path = Path(model_id).expanduser()
-    hint = "pass a folder written by save_pretrained / training / visualad convert, or a Hub id (user/name)"
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise ModelLoadError(f"{model_id} is not a model folder (it holds no config.json); {hint}")
-    elif model_id.startswith((".", "~", "/", "\\")) or model_id.strip("/").count("/") > 1:  # a path, not a Hub id
-        raise ModelLoadError(f"{model_id} does not exist; {hint}")
-    try:
-        model = VisualADModel.from_pretrained(str(path) if path.exists() else model_id)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load a VisualAD model from {model_id}: {reason}; {hint}") from error
-    try:
-        processor = VisualADImageProcessor.from_pretrained(str(path) if path.exists() else model_id)
-    except (OSError, ValueError):
-        processor = VisualADImageProcessor.from_model_config(model.config)
-    return model, processor
+    loaded = load_model_for_inference(model_id, device="cpu")
+    return loaded.model, loaded.image_processor
 
 
 __all__ = [
