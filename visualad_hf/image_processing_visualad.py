@@ -18,8 +18,6 @@ from PIL import Image
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     PILImageResampling,
@@ -120,12 +118,14 @@ class VisualADImageProcessor(PilBackend):
     @classmethod
     def from_model_config(cls, config, **kwargs) -> VisualADImageProcessor:
         """The processor matching a `VisualADConfig`: its input size, smoothing and top-k ratio, and the backbone's
-        normalisation (CLIP mean/std for `clip_vision_model`, ImageNet mean/std for DINOv2). `kwargs` override."""
-        clip = config.vision_config.model_type == "clip_vision_model"
+        normalisation and resampling (`config.normalization`: the stored mean/std, else the family's published
+        constants; the family's resampling filter, `visualad_hf.backbones`). `kwargs` override."""
+        image_mean, image_std = config.normalization
         defaults = dict(
             size={"height": config.image_size, "width": config.image_size},
-            image_mean=list(OPENAI_CLIP_MEAN if clip else IMAGENET_DEFAULT_MEAN),
-            image_std=list(OPENAI_CLIP_STD if clip else IMAGENET_DEFAULT_STD),
+            image_mean=list(image_mean),
+            image_std=list(image_std),
+            resample=int(config.backbone_adapter.resample),
             gaussian_sigma=float(config.gaussian_sigma),
             topk_ratio=float(config.topk_ratio),
         )
