@@ -26,8 +26,34 @@ ImageProcessingTestMixin = common.test_image_processing_common.ImageProcessingTe
 ImageProcessingTester = common.test_image_processing_common.ImageProcessingTester
 
 # Each skipped common test, and why it cannot apply to VisualAD.
-SKIPPED_MODEL_TESTS: dict[str, str] = {}
-SKIPPED_IMAGE_PROCESSING_TESTS: dict[str, str] = {}
+SKIPPED_MODEL_TESTS: dict[str, str] = {
+    "test_model_get_set_embeddings": (
+        "asserts that the input embedding is a token nn.Embedding and swaps in nn.Embedding(10, 10); an image "
+        "model's input embedding is its patch-embedding convolution (transformers' own CLIP vision and DINOv2 tests "
+        "replace this test for that reason); test_input_embeddings_are_the_backbone_patch_embedding checks ours"
+    ),
+    "test_correct_missing_keys": (
+        "loads a bare backbone folder with VisualADModel.from_pretrained expecting fresh heads; VisualAD refuses "
+        "that on purpose (untrained heads would score at random without a word) and names "
+        "VisualADModel.from_backbone, the equivalent path, which tests/test_modeling.py checks leaves exactly the "
+        "head tensors missing"
+    ),
+}
+_RGB_ONLY = (
+    "calls the processor with do_convert_rgb=False; VisualAD's backbones take RGB only, so that setting is refused "
+    "with ImageProcessorSettingError, in __init__ and per call (tests/test_image_processing.py)"
+)
+SKIPPED_IMAGE_PROCESSING_TESTS: dict[str, str] = {
+    "test_call_numpy_4_channels": f"expects 4-channel pixel_values: it {_RGB_ONLY}",
+    "test_image_processor_from_dict_with_kwargs_has_attributes": (
+        f"its only kwarg is do_convert_rgb=False: it {_RGB_ONLY}; from_dict's attributes are checked by "
+        "test_image_processor_from_dict_has_attributes"
+    ),
+    "test_new_models_require_torchvision_backend": (
+        "a rule for models added to the transformers library; VisualAD ships only the PIL backend on purpose: "
+        "torchvision is not a dependency, and the PIL path reproduces the authors' preprocessing exactly"
+    ),
+}
 
 # Tiny backbones: 2 layers, width 32; 20 px inputs on patch 4 give a 5x5 grid (a native 4x4 table resized).
 TINY_BACKBONE = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=4)
@@ -97,11 +123,22 @@ class _VisualADModelTest(ModelTesterMixin):
     pipeline_model_mapping = {}
     test_resize_embeddings = False
     test_torch_exportable = False  # the exporter mixin is not in the sdist (tests/transformers_sdist.py)
+    test_can_init_all_missing_weights_before_2023 = True  # our config file has no copyright year: run it
+    _is_composite = True  # a VisualAD config nests its backbone's (vision_config): run the composite-model tests
     has_attentions = True
 
     def setUp(self):
         self.model_tester = VisualADModelTester(self, self.family)
         self.config_tester = ConfigTester(self, config_class=VisualADConfig, has_text_modality=False)
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if return_labels:  # VisualAD's losses take masks (and image labels derived from them)
+            batch, _, height, width = inputs_dict["pixel_values"].shape
+            masks = torch.zeros(batch, height, width)
+            masks[0, : height // 2, : width // 2] = 1.0
+            inputs_dict["masks"] = masks
+        return inputs_dict
 
     def test_config(self):
         self.config_tester.run_common_tests()
@@ -146,6 +183,16 @@ def test_every_skip_names_a_common_test():
     for skipped, names in ((SKIPPED_MODEL_TESTS, model_tests), (SKIPPED_IMAGE_PROCESSING_TESTS, image_tests)):
         for key in skipped:
             assert any(name == key or name.startswith(key + "_") for name in names), key
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_input_embeddings_are_the_backbone_patch_embedding(family):
+    """What test_model_get_set_embeddings checks, for an image model: the input embedding is the backbone's."""
+    config, _ = VisualADModelTester(None, family).prepare_config_and_inputs_for_common()
+    model = VisualADModel(config)
+    assert model.get_input_embeddings() is model.backbone.get_input_embeddings()
+    assert isinstance(model.get_input_embeddings(), torch.nn.Module)
+    assert model.get_output_embeddings() is None
 
 
 def test_tiny_backbones_run_the_real_model():
