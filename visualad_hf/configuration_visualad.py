@@ -258,9 +258,10 @@ class VisualADConfig(PreTrainedConfig):
     def validate_normalization(self) -> None:
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
-            if value is not None and (len(value) != 3 or (name == "image_std" and min(value) <= 0)):
+            positive = name == "image_std"
+            if value is not None and (len(value) != 3 or (positive and min(value) <= 0)):
                 raise VisualADConfigError(
-                    f"{name}={value} must hold 3 values (R, G, B){', all > 0' if name == 'image_std' else ''}."
+                    f"{name}={value} must hold 3 values (R, G, B){', all > 0' if positive else ''}."
                 )
 
     def validate_input_size(self) -> None:

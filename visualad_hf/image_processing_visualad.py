@@ -75,9 +75,9 @@ class VisualADImageProcessor(PilBackend):
     Prepares images (and optional ground-truth masks) for [`VisualADModel`], and turns its outputs into image scores
     and anomaly maps.
 
-    Preprocessing (SPEC §1): resize to `size` with PIL bicubic in the image's own mode, convert to RGB, divide by 255,
-    normalise with `image_mean`/`image_std` (CLIP's by default; DINOv2 models use ImageNet's, see
-    [`~VisualADImageProcessor.from_model_config`]). Inputs: paths, URLs, PIL images, numpy arrays, torch tensors, or a
+    Preprocessing (SPEC §1): resize to `size` with PIL bicubic (`resample`) in the image's own mode, convert to RGB,
+    divide by 255, normalise with `image_mean`/`image_std` (CLIP's by default; a processor made by
+    [`~VisualADImageProcessor.from_model_config`] takes the backbone family's normalisation and resampling). Inputs: paths, URLs, PIL images, numpy arrays, torch tensors, or a
     list of them; see the module docstring for image modes, bit depth and EXIF orientation.
 
     Masks (SPEC §5): binarised by `visualad_hf.image_io.binarize_mask` (the authors' `> 0` for lossless files,
@@ -93,6 +93,7 @@ class VisualADImageProcessor(PilBackend):
     Args:
         size (`dict[str, int]` or `int`, *optional*, defaults to 518): model input size.
         image_mean, image_std (*optional*): normalisation, CLIP's by default.
+        resample (*optional*, defaults to bicubic): PIL filter of the resize.
         gaussian_sigma (`float`, *optional*, defaults to 4.0), topk_ratio (`float`, *optional*, defaults to 0.01):
             post-processing settings.
         bit_depth_scaling (`str`, *optional*, defaults to `"range"`): `"range"` or `"full"`.

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
 from transformers.image_utils import PILImageResampling
 
 from .backbones import BackboneCard, family_cards
 from .configuration_visualad import VisualADConfig
-from .metrics import IMAGE_METRICS, METRIC_HEADERS, METRIC_NAMES, AnomalyMetricsResult
+from .metrics import METRIC_HEADERS, METRIC_NAMES, AnomalyMetricsResult
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "resources" / "model_card_template.md"
 

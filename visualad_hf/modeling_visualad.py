@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 from transformers.utils import logging as transformers_logging
 from transformers.utils.output_capturing import capture_outputs
 
-from .backbones import backbone_adapter, layer_class_names, vision_config_of
+from .backbones import BackboneAdapter, backbone_adapter, layer_class_names, vision_config_of
 from .configuration_visualad import VisualADConfig
 from .scoring import topk_mean
 
@@ -362,7 +362,7 @@ class VisualADModel(VisualADPreTrainedModel):
     # Backbone access: every family-specific detail is the adapter's (`visualad_hf.backbones`).
 
     @property
-    def backbone_adapter(self):
+    def backbone_adapter(self) -> BackboneAdapter:
         return self.config.backbone_adapter
 
     @property

@@ -37,7 +37,8 @@ _BY_CONTAINER: dict[str, type[BackboneAdapter]] = {
 
 
 class UnsupportedBackboneError(ValueError):
-    """A backbone config of a family VisualAD has no adapter for."""
+    """A backbone config of a family VisualAD has no adapter for. (A ValueError like every config error; this package
+    imports only its own modules, so that it can be copied into Hub folders flattened.)"""
 
 
 def supported_model_types() -> tuple[str, ...]:

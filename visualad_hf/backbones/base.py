@@ -41,8 +41,9 @@ class BackboneCard:
     """What a model card states about a backbone family.
 
     `license` is the Hub licence id; `"other"` comes with `license_name` and `license_link`, which the Hub expects in
-    the metadata for a licence it does not list, and `license_title`, its name as a reader knows it. `paper_results` holds the VisualAD paper's numbers with this backbone
-    (dataset -> metric -> percent) and is empty for families the paper did not run.
+    the metadata for a licence it does not list, and `license_title`, its name as a reader knows it.
+    `paper_results` holds the VisualAD paper's numbers with this backbone (dataset -> metric -> percent) and is empty
+    for families the paper did not run.
     """
 
     name: str
@@ -55,7 +56,14 @@ class BackboneCard:
     license_name: str | None = None
     license_title: str | None = None
     license_link: str | None = None
+    #: Whether the VisualAD authors released checkpoints on this backbone (`visualad convert` converts those).
+    released_checkpoints: bool = False
     paper_results: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    @property
+    def short_name(self) -> str:
+        """The family without the architecture word ("DINOv2" for "DINOv2 ViT"), for sentences."""
+        return self.family.removesuffix(" ViT")
 
 
 class BackboneAdapter:

@@ -17,6 +17,7 @@ CLIP_CARD = BackboneCard(
     tag="clip",
     reference_shape=(1024, 24, 14),
     reference_image_size=336,
+    released_checkpoints=True,
     paper_results=paper_results(
         {
             "MVTec-AD": (92.2, 93.2, 96.7, 90.8, 43.9, 41.2, 87.5),

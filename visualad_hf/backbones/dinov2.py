@@ -32,8 +32,8 @@ DINOV2_CARD = BackboneCard(
 class Dinov2Adapter(BackboneAdapter):
     """`Dinov2Model` / `Dinov2WithRegistersModel`: `[CLS, registers…, patches]`, no pre-norm, final `layernorm`.
 
-    Positions: the backbone's own interpolation by default (SPEC §1); registers carry no position, as in DINOv2. The two
-    tokens get the CLS position embedding, like CLIP's.
+    Positions: the backbone's own interpolation by default (SPEC §1); registers carry no position, as in DINOv2.
+    The two tokens get the CLS position embedding, like CLIP's.
     """
 
     model_types = ("dinov2", "dinov2_with_registers")
