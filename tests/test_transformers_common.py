@@ -10,10 +10,11 @@ skip through transformers' own decorators, with their own messages.
 from __future__ import annotations
 
 import unittest
+from typing import ClassVar
 
 import pytest
 import torch
-from conftest import tiny_vision_config
+from conftest import FAMILIES
 from transformers_sdist import load_common_tests
 
 from visualad_hf import VisualADConfig, VisualADImageProcessor, VisualADModel
@@ -39,6 +40,16 @@ SKIPPED_MODEL_TESTS: dict[str, str] = {
         "head tensors missing"
     ),
 }
+# Family-specific: the test cannot apply to VisualAD on that backbone.
+SKIPPED_MODEL_TESTS_PER_FAMILY: dict[str, dict[str, str]] = {
+    "radio": {
+        "test_can_load_ignoring_mismatched_shapes": (
+            "transformers' _config_zero_init sets every config field whose name contains '_std' to the float 1e-10; "
+            "RadioConfig.norm_std is a 3-value list, which its strict dataclass refuses to hold a float, so the test "
+            "cannot build its config (it passes on every other family)"
+        ),
+    },
+}
 _RGB_ONLY = (
     "calls the processor with do_convert_rgb=False; VisualAD's backbones take RGB only, so that setting is refused "
     "with ImageProcessorSettingError, in __init__ and per call (tests/test_image_processing.py)"
@@ -55,40 +66,30 @@ SKIPPED_IMAGE_PROCESSING_TESTS: dict[str, str] = {
     ),
 }
 
-# Tiny backbones: 2 layers, width 32; 20 px inputs on patch 4 give a 5x5 grid (a native 4x4 table resized).
-TINY_BACKBONE = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=4)
-FAMILIES = {
-    "clip": dict(image_size=16),
-    "dinov2": dict(image_size=16),
-    "dinov2_registers": dict(image_size=16),
-}
+# The shared family parametrisation (conftest.FAMILIES: tiny random backbones of every supported family), cut to the
+# 2 layers transformers' test_num_layers_is_small allows; inputs of 5x5 patches (a native 4x4 table resized).
 
 
 def _tiny_backbone(family: str):
-    overrides = {**TINY_BACKBONE, **FAMILIES[family]}
-    if family != "clip":
-        overrides.pop("intermediate_size")
-        overrides["mlp_ratio"] = 2
-    return tiny_vision_config(family, **overrides)
+    return FAMILIES[family].vision_config(num_hidden_layers=2)
 
 
 class VisualADModelTester:
     """What ModelTesterMixin asks of a model tester, for VisualAD heads on a tiny backbone of `family`."""
 
-    def __init__(self, parent, family: str, batch_size: int = 2, image_size: int = 20):
+    def __init__(self, parent, family: str, batch_size: int = 2, grid: int = 5):
         self.parent = parent
         self.family = family
         self.batch_size = batch_size
-        self.image_size = image_size
         self.vision_config = _tiny_backbone(family)
+        self.patch_size = FAMILIES[family].patch_size
+        self.image_size = grid * self.patch_size
         self.hidden_size = self.vision_config.hidden_size
         self.num_hidden_layers = self.vision_config.num_hidden_layers
         self.num_attention_heads = self.vision_config.num_attention_heads
-        self.patch_size = self.vision_config.patch_size
         self.is_training = True
-        prefix = 1 + int(getattr(self.vision_config, "num_register_tokens", 0) or 0)
-        # The backbone sequence VisualAD runs: anomaly and normal tokens, CLS (+ registers), patches.
-        self.seq_length = 2 + prefix + (image_size // self.patch_size) ** 2
+        # The backbone sequence VisualAD runs: anomaly and normal tokens, the prefix (CLS, registers), patches.
+        self.seq_length = 2 + self.get_config().num_prefix_tokens + grid**2
 
     def get_config(self) -> VisualADConfig:
         return VisualADConfig(
@@ -120,7 +121,7 @@ def _apply_skips(cls: type, skipped: dict[str, str]) -> type:
 class _VisualADModelTest(ModelTesterMixin):
     family = "clip"
     all_model_classes = (VisualADModel,)
-    pipeline_model_mapping = {}
+    pipeline_model_mapping: ClassVar[dict] = {}
     test_resize_embeddings = False
     test_torch_exportable = False  # the exporter mixin is not in the sdist (tests/transformers_sdist.py)
     test_can_init_all_missing_weights_before_2023 = True  # our config file has no copyright year: run it
@@ -147,7 +148,7 @@ class _VisualADModelTest(ModelTesterMixin):
 def _model_test_class(family: str) -> type:
     name = "VisualAD" + "".join(part.capitalize() for part in family.split("_")) + "ModelTest"
     cls = type(name, (_VisualADModelTest, unittest.TestCase), {"family": family, "__module__": __name__})
-    return _apply_skips(cls, SKIPPED_MODEL_TESTS)
+    return _apply_skips(cls, {**SKIPPED_MODEL_TESTS, **SKIPPED_MODEL_TESTS_PER_FAMILY.get(family, {})})
 
 
 for _family in FAMILIES:
@@ -180,7 +181,10 @@ def test_every_skip_names_a_common_test():
     """A skip entry whose test transformers renamed or removed would hide nothing; keep the lists exact."""
     model_tests = set(dir(ModelTesterMixin))
     image_tests = set(dir(ImageProcessingTestMixin))
-    for skipped, names in ((SKIPPED_MODEL_TESTS, model_tests), (SKIPPED_IMAGE_PROCESSING_TESTS, image_tests)):
+    per_family = {key: reason for skips in SKIPPED_MODEL_TESTS_PER_FAMILY.values() for key, reason in skips.items()}
+    assert set(SKIPPED_MODEL_TESTS_PER_FAMILY) <= set(FAMILIES)
+    checks = ((SKIPPED_MODEL_TESTS, model_tests), (per_family, model_tests), (SKIPPED_IMAGE_PROCESSING_TESTS, image_tests))
+    for skipped, names in checks:
         for key in skipped:
             assert any(name == key or name.startswith(key + "_") for name in names), key
 
@@ -190,8 +194,14 @@ def test_input_embeddings_are_the_backbone_patch_embedding(family):
     """What test_model_get_set_embeddings checks, for an image model: the input embedding is the backbone's."""
     config, _ = VisualADModelTester(None, family).prepare_config_and_inputs_for_common()
     model = VisualADModel(config)
-    assert model.get_input_embeddings() is model.backbone.get_input_embeddings()
-    assert isinstance(model.get_input_embeddings(), torch.nn.Module)
+    try:
+        expected = model.backbone.get_input_embeddings()
+    except NotImplementedError:  # RADIO's model does not name one: neither does VisualAD on it
+        with pytest.raises(NotImplementedError):
+            model.get_input_embeddings()
+    else:
+        assert model.get_input_embeddings() is expected
+        assert isinstance(expected, torch.nn.Module)
     assert model.get_output_embeddings() is None
 
 

@@ -25,6 +25,7 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
+from .errors import VisualADError
 from .image_io import (
     BIT_DEPTH_SCALINGS,
     ImageLoadError,
@@ -35,7 +36,6 @@ from .image_io import (
     to_hw_or_hwc,
     to_pil_image,
 )
-from .errors import VisualADError
 from .remote_code import with_auto_map, write_remote_code
 from .scoring import gaussian_kernel1d, gaussian_smooth, topk_mean
 

@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -266,7 +267,7 @@ class VisualADPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     # VisualAD runs the backbone's layers itself: the backbone's own recorders (its `_can_record_outputs`, which
     # transformers installs on the backbone's layers and attention modules) fill these; VisualAD adds none.
-    _can_record_outputs = {"hidden_states": [], "attentions": []}
+    _can_record_outputs: ClassVar[dict[str, list]] = {"hidden_states": [], "attentions": []}
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:

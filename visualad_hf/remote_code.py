@@ -24,7 +24,6 @@ from pathlib import Path
 
 from .errors import VisualADError
 
-
 AUTO_MAP = {
     "AutoConfig": "configuration_visualad.VisualADConfig",
     "AutoModel": "modeling_visualad.VisualADModel",
@@ -160,8 +159,8 @@ def with_auto_map(serialized: dict, *, classes: tuple[str, ...] = tuple(AUTO_MAP
 __all__ = [
     "AUTO_MAP",
     "CUSTOM_PIPELINES",
-    "entry_files",
     "RemoteCodeError",
+    "entry_files",
     "flattened_sources",
     "with_auto_map",
     "write_remote_code",

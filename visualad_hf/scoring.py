@@ -5,7 +5,6 @@ Used by the model (training-time image logit), the image processor (inference sc
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import numpy as np
