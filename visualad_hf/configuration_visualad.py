@@ -80,6 +80,11 @@ class VisualADConfig(PreTrainedConfig):
             Decision threshold on the image score, set by calibration; travels with `save_pretrained`.
         threshold_calibration (`dict`, *optional*):
             How `anomaly_threshold` was obtained (method, parameters, number of images).
+        final_layernorm_source (`str`, *optional*):
+            Set by `visualad convert`: which final LayerNorm the converted weights hold. `"backbone"`: the
+            backbone's own (CLIP `ln_post`), as the authors' released evaluation `test.py` used it for the paper's
+            table; `"checkpoint"`: the one trained with the heads (`ln_post_weight`/`ln_post_bias` of the released
+            checkpoint), as their `train.py` used it. `None` for models not converted from the release.
     """
 
     model_type = "visualad"
@@ -109,6 +114,7 @@ class VisualADConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     anomaly_threshold: float | None = None
     threshold_calibration: dict | None = None
+    final_layernorm_source: Literal["backbone", "checkpoint"] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
