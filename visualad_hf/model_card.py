@@ -28,7 +28,13 @@ PAPER_URL = "https://arxiv.org/abs/2603.07952"
 AUTHORS_CODE_URL = "https://github.com/7HHHHH/VisualAD"
 TASK_TYPE = "image-segmentation"
 TASK_NAME = "Zero-shot anomaly detection"
-TAGS = ("anomaly-detection", "zero-shot-anomaly-detection", "visualad", "vision")
+# `custom_code` makes the Hub add `trust_remote_code=True` to its snippet (the folder carries its code,
+# `visualad_hf.remote_code`). The pipeline tag is "other" on purpose: for a transformers pipeline task the Hub shows
+# `pipeline("<task>", model=...)`, and no built-in task ("image-segmentation" included) runs VisualAD; under "other" it
+# shows the AutoImageProcessor + AutoModel snippet, which works. The task itself ("anomaly-detection") is this
+# package's own, named in config.json's custom_pipelines.
+PIPELINE_TAG = "other"
+TAGS = ("anomaly-detection", "zero-shot-anomaly-detection", "image-segmentation", "visualad", "vision", "custom_code")
 
 _METRIC_NAMES_LONG = {
     "image_auroc": "Image AUROC",
@@ -264,7 +270,7 @@ def create_model_card(
         base_model=base_model,
         **_license_metadata(facts),
         library_name="transformers",
-        pipeline_tag="image-segmentation",
+        pipeline_tag=PIPELINE_TAG,
         tags=[*TAGS, facts.tag],
         datasets=datasets,
         metrics=[m for m in METRIC_NAMES if any(m in row for row in results.values())] or None,
