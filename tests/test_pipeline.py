@@ -268,3 +268,36 @@ def test_url_inputs_that_send_too_much_are_cut_off(detector, monkeypatch):
                 detector(server.url, timeout=10)
         finally:
             server.close()
+
+
+def test_pipeline_save_keeps_the_card_results_and_arguments_and_updates_the_threshold(tmp_path, image_files):
+    from visualad_hf.model_card import create_model_card
+    from visualad_hf.thresholds import apply_calibration, calibrate_from_normal_scores
+
+    source = save_tiny_model(tmp_path / "source")
+    config = VisualADModel.from_pretrained(source).config
+    create_model_card(config, base_model=None).save(str(source / "README.md"))
+    (source / "eval_results").mkdir()
+    (source / "eval_results" / "metrics.json").write_text("{}")
+    (source / "training_args.yaml").write_text("seed: 1\n")
+    detector = pipeline("anomaly-detection", model=str(source), device="cpu")
+    scores = [detector(path)["score"] for path in image_files]
+    apply_calibration(detector.model, calibrate_from_normal_scores(scores))
+    detector.save_pretrained(tmp_path / "calibrated")
+    saved = tmp_path / "calibrated"
+    assert (saved / "eval_results" / "metrics.json").is_file() and (saved / "training_args.yaml").is_file()
+    card = (saved / "README.md").read_text()
+    assert f"{detector.model.config.anomaly_threshold:.6g} (in `config.json`)" in card and "none set" not in card
+    assert pipeline("anomaly-detection", model=str(saved), device="cpu").model.config.anomaly_threshold == pytest.approx(
+        detector.model.config.anomaly_threshold
+    )
+
+
+def test_pipeline_overlays_use_the_fixed_colour_range(detector, image_files):
+    from visualad_hf.visualization import map_value_bounds, overlay_heatmap
+
+    result = detector(image_files[0], return_overlay=True)
+    image = Image.open(image_files[0]).convert("RGB")
+    scale = map_value_bounds(len(detector.model.config.feature_layers)).as_range()
+    expected = overlay_heatmap(image, result["anomaly_map"], 0.5, value_range=scale)
+    assert np.array_equal(np.asarray(result["overlay"]), np.asarray(expected))

@@ -13,6 +13,9 @@ results = detector(["a.png", "b.jpg"], batch_size=8, return_overlay=True)
 
 from __future__ import annotations
 
+import importlib
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +24,10 @@ from transformers import Pipeline
 from transformers.utils import logging
 
 from .image_processing_visualad import to_pil_image
-from .visualization import overlay_heatmap
+from .visualization import map_value_bounds, overlay_heatmap
+
+# Files of a model folder that are not the model itself but travel with it when a pipeline is saved elsewhere.
+FOLDER_EXTRAS = ("README.md", "eval_results", "training_args.yaml", "train_results.json", "trainer_state.json")
 
 logger = logging.get_logger(__name__)
 
@@ -85,6 +91,31 @@ class AnomalyDetectionPipeline(Pipeline):
         """
         self.model.save_pretrained(save_directory, **kwargs)
         self.image_processor.save_pretrained(save_directory, **kwargs)
+        self._keep_folder_extras(save_directory)
+
+    def _keep_folder_extras(self, save_directory) -> None:
+        """Carry the source folder's model card, evaluation results and training arguments into `save_directory`,
+        and bring the card's threshold row up to date (e.g. after `apply_calibration`)."""
+        source = getattr(self.model, "name_or_path", None)
+        target = Path(save_directory)
+        if source and Path(source).is_dir() and Path(source).resolve() != target.resolve():
+            for name in FOLDER_EXTRAS:
+                origin, copy = Path(source) / name, target / name
+                if origin.is_dir() and not copy.exists():
+                    shutil.copytree(origin, copy)
+                elif origin.is_file() and not copy.exists():
+                    shutil.copy2(origin, copy)
+        card = target / "README.md"
+        try:  # the card writer is package code, not part of a Hub folder's copied model-side files
+            update_card_threshold = importlib.import_module("visualad_hf.model_card").update_card_threshold
+        except ImportError:
+            return
+        if card.is_file():
+            config = self.model.config
+            text = card.read_text(encoding="utf-8")
+            card.write_text(
+                update_card_threshold(text, config.anomaly_threshold, config.threshold_calibration), encoding="utf-8"
+            )
 
     def _sanitize_parameters(
         self,
@@ -174,7 +205,10 @@ class AnomalyDetectionPipeline(Pipeline):
         if threshold is not None:
             result["is_anomalous"] = bool(score >= threshold)
         if return_overlay:
-            result["overlay"] = overlay_heatmap(model_outputs["image"], np.asarray(anomaly_map), alpha=overlay_alpha)
+            scale = map_value_bounds(len(self.model.config.feature_layers)).as_range()  # one fixed range for all images
+            result["overlay"] = overlay_heatmap(
+                model_outputs["image"], np.asarray(anomaly_map), alpha=overlay_alpha, value_range=scale
+            )
         return result
 
 
