@@ -10,6 +10,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 SAF_TYPES = ("mlp", "linear", "mlp_residual", "adapter", "leakyrelu")
 POSITION_INTERPOLATION_MODES = ("bilinear", "bicubic", "backbone")
+REFERENCE_FUSIONS = ("add", "replace")  # see visualad_hf/few_shot.py
 SUPPORTED_BACKBONES = ("clip_vision_model", "dinov2", "dinov2_with_registers")
 
 # CLIP ViT-L/14@336px, the backbone of the released checkpoint (SPEC §1).
@@ -74,6 +75,13 @@ class VisualADConfig(PreTrainedConfig):
             Decision threshold on the image score, set by calibration; travels with `save_pretrained`.
         threshold_calibration (`dict`, *optional*):
             How `anomaly_threshold` was obtained (method, parameters, number of images).
+        reference_fusion (`str`, *optional*, defaults to `"add"`):
+            How a few-shot reference bank (`model.set_reference`) enters each layer map: `"add"` (map + weight x
+            normalised nearest-neighbour distance) or `"replace"` (the distance alone). See `visualad_hf.few_shot`.
+        reference_weight (`float`, *optional*, defaults to 2.0):
+            Weight of the normalised nearest-neighbour distance in the `"add"` fusion.
+        reference_num_images (`int`, *optional*):
+            Images in the model's reference bank (`reference_bank.safetensors` beside the weights); None: zero-shot.
     """
 
     model_type = "visualad"
@@ -101,6 +109,9 @@ class VisualADConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     anomaly_threshold: float | None = None
     threshold_calibration: dict | None = None
+    reference_fusion: str = "add"
+    reference_weight: float = 2.0
+    reference_num_images: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -175,6 +186,10 @@ class VisualADConfig(PreTrainedConfig):
             raise ValueError(f"gaussian_sigma={self.gaussian_sigma} must be >= 0 (0 disables smoothing).")
         if self.num_anchors < 1 or self.max_patches < 1:
             raise ValueError("num_anchors and max_patches must be at least 1.")
+        if self.reference_fusion not in REFERENCE_FUSIONS:
+            raise ValueError(f"reference_fusion={self.reference_fusion!r} is unknown; choose one of {REFERENCE_FUSIONS}.")
+        if self.reference_weight < 0:
+            raise ValueError(f"reference_weight={self.reference_weight} must be >= 0.")
 
 
 __all__ = ["VisualADConfig"]

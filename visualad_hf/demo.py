@@ -34,6 +34,19 @@ SMALL_BENCHMARK = {**DEMO_BENCHMARK, "num_test_normal": 4, "num_test_anomalous":
 OVERLAYS_PER_CATEGORY = 3
 
 
+def demo_benchmark(out: Path, *, small: bool = False, **overrides):
+    """Write the demo's synthetic benchmark (the families of `synthetic_tiny.yaml`) to `out`."""
+    import yaml
+
+    from .data import generate_synthetic_benchmark
+
+    config = yaml.safe_load(TINY_CONFIG.read_text(encoding="utf-8"))
+    sizes = {**(SMALL_BENCHMARK if small else DEMO_BENCHMARK), **overrides}
+    return generate_synthetic_benchmark(
+        out, auxiliary_categories=config["train_categories"], target_categories=config["eval_categories"], **sizes
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_output", help="folder for the benchmark, model and overlays")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's epochs)")
@@ -184,4 +197,4 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-__all__ = ["TINY_CONFIG", "run_demo", "write_overlays"]
+__all__ = ["TINY_CONFIG", "demo_benchmark", "run_demo", "write_overlays"]
