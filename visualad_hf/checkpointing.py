@@ -23,6 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import VisualADError
+from .hub import fsync_dir as _fsync_dir
+from .hub import fsync_tree as _fsync_tree
+from .hub import replace_path
+
 CHECKPOINT_PREFIX = "checkpoint"
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINABLE_WEIGHTS_NAME = "model.safetensors"
@@ -30,7 +35,7 @@ _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 _STALE_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-\d+\.(tmp|old|deleting)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VisualADError, ValueError):
     """A checkpoint that cannot be used to resume; the message names the folder and the fix."""
 
 
@@ -104,19 +109,6 @@ def finalize_checkpoint(tmp_dir: Path, trainer_state: dict[str, Any]) -> Path:
     return final
 
 
-def replace_path(source: Path, target: Path) -> None:
-    """Move `source` to `target` atomically. An existing `target` folder is moved aside (`.old`) first and removed
-    after, so a kill at any point leaves either the old or the new folder in place, never a mix."""
-    if not (target.is_dir() and source.is_dir()):
-        os.replace(source, target)
-        return
-    aside = target.with_name(target.name + ".old")
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(target, aside)
-    os.replace(source, target)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: int | None) -> list[Path]:
     """Delete the oldest complete checkpoints so that at most `save_total_limit` remain (None or <= 0 keeps all)."""
     if not save_total_limit or save_total_limit <= 0:
@@ -183,25 +175,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     with open(path, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
         handle.write("\n")
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory file descriptors
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = [

@@ -38,6 +38,7 @@ from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel
 from transformers.utils import logging as hf_logging
 
 from .configuration_visualad import VisualADConfig
+from .errors import VisualADError
 from .modeling_visualad import VisualADModel, backbone_load_error_message
 
 # The OpenAI release of CLIP ViT-L/14@336px: its URL (the folder name is the file's SHA-256) and its Hub copy.
@@ -127,7 +128,7 @@ _SCA_PREFIX = "layer_attentions.layer_{}."
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ConversionError(ValueError):
+class ConversionError(VisualADError, ValueError):
     """An input that cannot be converted; the message names the file and what to do."""
 
 

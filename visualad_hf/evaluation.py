@@ -659,9 +659,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     model, processor = load_model_and_processor(args.model)
     model.to(accelerator.device)
-    from .data import load_anomaly_dataset
-
-    from .data import DatasetLayoutError
+    from .data import DatasetLayoutError, load_anomaly_dataset
 
     try:
         with accelerator.main_process_first():  # one process builds the datasets cache, the others read it

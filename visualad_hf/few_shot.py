@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_visualad import REFERENCE_FUSIONS, VisualADConfig
+from .errors import VisualADError
 
 REFERENCE_BANK_FILE = "reference_bank.safetensors"
 FORMAT_VERSION = 1
@@ -44,13 +45,7 @@ SIGNATURE_RTOL = 1e-3
 # Elements of one similarity block (batch·patches × bank rows) computed at a time: bounds the memory of a lookup.
 SIMILARITY_BLOCK_ELEMENTS = 1 << 24
 
-try:  # the package's error base class (one-line messages, exit code 2 in the CLI)
-    from .errors import VisualADError as _ErrorBase
-except ImportError:  # a Hub folder copied without errors.py
-    _ErrorBase = ValueError
-
-
-class ReferenceBankError(_ErrorBase):
+class ReferenceBankError(VisualADError):
     """A reference bank cannot be built, read or used; the message says why and what to do."""
 
 

@@ -22,6 +22,7 @@ from transformers.utils import logging as transformers_logging
 
 from .configuration_visualad import VisualADConfig
 from .few_shot import ReferenceMixin, VisualADReferenceBank
+from .scoring import topk_mean
 
 logger = transformers_logging.get_logger(__name__)
 
@@ -218,13 +219,6 @@ SELF_ALIGNMENT_CLASSES = {
     "adapter": VisualADSelfAlignmentAdapter,
     "leakyrelu": VisualADSelfAlignmentLeakyReLU,
 }
-
-
-def topk_mean(maps: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Mean of the largest `ceil(ratio * H * W)` values of each map in `(batch, H, W)`."""
-    flat = maps.flatten(1)
-    k = max(1, math.ceil(ratio * flat.shape[1]))
-    return flat.topk(k, dim=1).values.mean(dim=1)
 
 
 def focal_loss(probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from transformers import HfArgumentParser
 
 from . import checkpointing
 from .configuration_visualad import VisualADConfig
+from .hub import HubUploadError
 from .modeling_visualad import VisualADModel
 
 logger = logging.getLogger(__name__)
@@ -491,10 +492,6 @@ class TrainOutput:
 
 
 StepCallback = Callable[[TrainerState], None]
-
-
-class HubUploadError(RuntimeError):
-    """The upload failed; the local output folder is complete."""
 
 
 def train(

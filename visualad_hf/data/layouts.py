@@ -25,6 +25,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from ..errors import VisualADError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
@@ -34,7 +36,7 @@ ANOMALY = "anomaly"  # `defect_type` of an anomalous sample whose layout names n
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "eval": "test"}
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(VisualADError, ValueError):
     """A folder does not hold the layout that the named dataset loader expects, or its masks do not pair up."""
 
 
