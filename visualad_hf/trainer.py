@@ -148,6 +148,20 @@ class DataArguments:
         default=None, metadata={"help": "Evaluate on a seeded random subset of this many images (quick trials)."}
     )
     dataset_cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of the `datasets` tables."})
+    train_dataset_options: str | None = field(
+        default=None, metadata={"help": 'Loader options of the training data as JSON, e.g. \'{"normal_dir": "good"}\'.'}
+    )
+    # Normal-only fine-tuning (visualad_hf/data/anomaly_synthesis.py).
+    synthesize_anomalies: bool = field(
+        default=False,
+        metadata={"help": "Paste synthetic defects (Perlin-noise textures, cut-paste) with exact masks onto normal "
+                  "training images on the fly: train from good images only (e.g. the folder loader)."},
+    )
+    synthesis_probability: float = field(default=0.5, metadata={"help": "Share of normal images made anomalous."})
+    synthesis_methods: list[str] | None = field(default=None, metadata={"help": "perlin and/or cutpaste (default both)."})
+    synthesis_textures: list[str] | None = field(
+        default=None, metadata={"help": "Perlin textures: images (other images) and/or procedural (default both)."}
+    )
 
     def display_name(self, which: Literal["train", "eval"]) -> str:
         """How results and the model card name the dataset: the paper's spelling for its benchmarks."""
@@ -171,6 +185,7 @@ class DataArguments:
             )
         if (self.eval_dataset is None) != (self.eval_data_dir is None):
             raise ValueError("Give both --eval_dataset and --eval_data_dir, or neither (no evaluation).")
+        self.train_dataset_options = _json_mapping(self.train_dataset_options, "train_dataset_options")
 
 
 @dataclass
@@ -420,9 +435,9 @@ def load_datasets(data_args: DataArguments, seed: int):
     """The training and (optional) evaluation `datasets.Dataset`s."""
     from .data import load_anomaly_dataset
 
-    def load(name, data_dir, split, categories, limit):
+    def load(name, data_dir, split, categories, limit, options=None):
         dataset = load_anomaly_dataset(
-            name, data_dir, split=split, categories=categories, cache_dir=data_args.dataset_cache_dir
+            name, data_dir, split=split, categories=categories, cache_dir=data_args.dataset_cache_dir, **(options or {})
         )
         if limit is not None and limit < len(dataset):
             dataset = dataset.shuffle(seed=seed).select(range(limit))
@@ -434,6 +449,7 @@ def load_datasets(data_args: DataArguments, seed: int):
         data_args.train_split,
         data_args.train_categories,
         data_args.max_train_samples,
+        data_args.train_dataset_options,
     )
     if len(train) == 0:
         raise ValueError(f"The training data ({data_args.train_dataset} at {data_args.train_data_dir}) has no images.")
@@ -546,6 +562,10 @@ def train(
     image_processor = VisualADImageProcessor.from_model_config(model.config)
     train_dataset, eval_dataset = load_datasets(data_args, args.seed)
     collator = VisualADCollator(image_processor, metadata_columns=("image_path",))
+    if data_args.synthesize_anomalies:  # normal-only fine-tuning: synthetic defects on the fly
+        from .data.anomaly_synthesis import synthesizing_collator
+
+        collator = synthesizing_collator(collator, data_args, seed=args.seed)
 
     train_dataloader = DataLoader(
         train_dataset,
@@ -614,6 +634,8 @@ def train(
         if state.global_step >= max_steps:
             break
         done_in_epoch = state.global_step - epoch * steps_per_epoch
+        if hasattr(collator, "set_epoch"):  # synthetic defects differ per epoch, reproducibly
+            collator.set_epoch(epoch)
         loader = _epoch_loader(
             accelerator, train_dataloader, sampler, epoch, done_in_epoch * args.gradient_accumulation_steps
         )
