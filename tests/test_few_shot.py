@@ -352,3 +352,21 @@ def test_training_on_a_normal_only_folder_with_synthetic_defects(tmp_path):
     # Every image became anomalous with a mask: classification and segmentation losses at every step.
     assert len(steps) == 2 and all(math.isfinite(e["train/loss_seg"]) and e["train/loss_cls"] > 0 for e in steps)
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_evaluate_command_few_shot_reports_each_seed_and_mean_std(synthetic_benchmark, model_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    status = cli_main(["evaluate", "--model", str(model_dir), "--dataset", "mvtec",
+                       "--data-dir", str(synthetic_benchmark.root), "--categories", "grain", "disc",
+                       "--few-shot", "2", "--seed", "3", "5", "--figures", "0", "--num-workers", "0", "--quiet",
+                       "--cpu", "--out", str(out)])  # fmt: skip
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "2-shot, seed 3" in printed and "2-shot, seed 5" in printed and "2-shot, seeds 3, 5 (mean ± std" in printed
+    summary = json.loads((out / "few_shot.json").read_text())
+    assert summary["num_shots"] == 2 and summary["seeds"] == [3, 5]
+    per_seed = [json.loads((out / f"seed_{s}" / "metrics.json").read_text()) for s in (3, 5)]
+    assert [p["few_shot"]["seed"] for p in per_seed] == [3, 5]
+    values = [p["mean"]["pixel_auroc"] for p in per_seed]
+    assert summary["mean"]["Mean"]["pixel_auroc"] == pytest.approx(np.mean(values))
+    assert summary["std"]["Mean"]["pixel_auroc"] == pytest.approx(np.std(values))

@@ -620,6 +620,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="loader option, e.g. protocol=official for ksdd2 (repeatable)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .few_shot_evaluation import add_few_shot_arguments
+
+    add_few_shot_arguments(parser)  # --few-shot K --seed S...
 
 
 def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -669,6 +672,19 @@ def run(args: argparse.Namespace) -> int:
     except (DatasetLayoutError, FileNotFoundError, ValueError, TypeError) as error:
         say(f"error: {error}", file=sys.stderr)
         return 2
+    if args.few_shot:  # per-category reference banks from the train split (visualad_hf/few_shot_evaluation.py)
+        from .few_shot_evaluation import run_few_shot_evaluation
+
+        def load_split(split):
+            return load_anomaly_dataset(args.dataset, args.data_dir, split, args.categories, cache_dir=args.cache_dir,
+                                        **options)  # fmt: skip
+
+        return run_few_shot_evaluation(
+            args, model, processor, dataset, load_split, say, batch_size=args.batch_size, accelerator=accelerator,
+            dataset_name=dataset.info.dataset_name, aupro_method=args.aupro, num_thresholds=args.num_thresholds,
+            fpr_limit=args.fpr_limit, num_figure_samples=args.figures, num_workers=args.num_workers,
+            metric_workers=args.metric_workers, storage_dir=args.storage_dir, progress=not args.quiet,
+        )
     result = evaluate_model(
         model,
         processor,

@@ -153,4 +153,55 @@ def _restore_bank(model, saved) -> None:
     model.config.reference_num_images = count
 
 
-__all__ = ["FewShotSummary", "draw_references", "evaluate_few_shot", "evaluate_few_shot_seeds"]
+
+
+# ------------------------------------------------------------------------------------- `visualad evaluate` hooks
+def add_few_shot_arguments(parser) -> None:
+    """`--few-shot K`, `--seed S [S ...]` and `--reference-split` of `visualad evaluate`."""
+    parser.add_argument(
+        "--few-shot", type=int, default=None, metavar="K",
+        help="few-shot protocol: per category, a reference bank of K normal images drawn from its train split",
+    )
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], help="draw seed(s) for --few-shot; several: mean ± std")
+    parser.add_argument("--reference-split", default="train", help="split the --few-shot images are drawn from")
+
+
+def run_few_shot_evaluation(args, model, processor, dataset, load_split, say, **evaluate_kwargs) -> int:
+    """`visualad evaluate --few-shot K`: print one table per seed and the mean ± std, write them under `--out`.
+
+    `load_split(name)` loads the same benchmark's split `name` (the reference images)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    references = load_split(args.reference_split)
+    summary = evaluate_few_shot_seeds(model, processor, dataset, references, num_shots=args.few_shot,
+                                      seeds=args.seed, **evaluate_kwargs)  # fmt: skip
+    accelerator = evaluate_kwargs.get("accelerator")
+    out = Path(args.out) if args.out is not None and (accelerator is None or accelerator.is_main_process) else None
+    failures = 0
+    for seed, result in zip(summary.seeds, summary.results):
+        say(f"\n{result.info.get('dataset')}: {args.few_shot}-shot, seed {seed}, {result.info['num_images']} images")
+        say(result.format_table())
+        failures += len(result.failures)
+        if out is not None:
+            result.save(out / f"seed_{seed}")
+    say("")
+    say(summary.format_table())
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "few_shot.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        say(f"Results in {out}/ (few_shot.json; seed_<S>/ per seed)")
+    if failures:
+        say(f"{failures} image(s) could not be read and were left out.", file=sys.stderr)
+    return 1 if failures else 0
+
+
+__all__ = [
+    "FewShotSummary",
+    "add_few_shot_arguments",
+    "draw_references",
+    "evaluate_few_shot",
+    "evaluate_few_shot_seeds",
+    "run_few_shot_evaluation",
+]
