@@ -134,6 +134,28 @@ def test_bank_round_trips_exactly_through_save_pretrained(tmp_path):
     assert not VisualADModel.from_pretrained(tmp_path / "m").reference_bank.is_set
 
 
+def test_an_exported_graph_carries_the_bank():
+    """The bank is module state (buffers), so `torch.export` (what ONNX export builds on) includes it."""
+
+    class AnomalyMap(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values=pixel_values).anomaly_map
+
+    model = tiny_model()
+    model.set_reference(pixels(2, seed=10))
+    test = pixels(1, seed=11)
+    exported = torch.export.export(AnomalyMap(model), (test,), strict=False)
+    assert {f"model.reference_bank.features_{i}" for i in range(4)} <= set(exported.graph_signature.buffers)
+    with torch.no_grad():
+        fused, zero_shot = model(test).anomaly_map, tiny_model()(test).anomaly_map
+    torch.testing.assert_close(exported.module()(test), fused, rtol=1e-5, atol=1e-5)
+    assert (fused - zero_shot).abs().max() > 0.1
+
+
 def test_missing_bank_file_is_an_error_not_a_silent_zero_shot_model(tmp_path):
     model = tiny_model()
     model.set_reference(pixels(2, seed=7))
