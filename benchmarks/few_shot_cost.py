@@ -23,14 +23,14 @@ import time
 
 SHAPES = {
     # CLIP ViT-L/14@336 as VisualAD runs it (SPEC §1): 518 px, 37x37 patches, feature layers 6/12/18/24.
-    "clip-l": dict(vision=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
-                               num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=336,
-                               hidden_act="quick_gelu"),
-                   feature_layers=[6, 12, 18, 24], image_size=518, overrides={}),
+    "clip-l": {"vision": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                               "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 14, "image_size": 336,
+                               "hidden_act": "quick_gelu"},
+                   "feature_layers": [6, 12, 18, 24], "image_size": 518, "overrides": {}},
     # The demo's model (resources/synthetic_tiny.yaml).
-    "demo": dict(vision=dict(model_type="clip_vision_model", hidden_size=96, intermediate_size=192,
-                             num_hidden_layers=4, num_attention_heads=4, patch_size=8, image_size=96),
-                 feature_layers=[1, 2], image_size=96, overrides={"gaussian_sigma": 1.0, "max_patches": 256}),
+    "demo": {"vision": {"model_type": "clip_vision_model", "hidden_size": 96, "intermediate_size": 192,
+                             "num_hidden_layers": 4, "num_attention_heads": 4, "patch_size": 8, "image_size": 96},
+                 "feature_layers": [1, 2], "image_size": 96, "overrides": {"gaussian_sigma": 1.0, "max_patches": 256}},
 }  # fmt: skip
 
 

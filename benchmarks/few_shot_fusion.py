@@ -43,7 +43,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         benchmark = demo_benchmark(Path(tmp) / "synthetic", num_train=args.train_images)
         test, train = benchmark.load("target"), benchmark.load("target", split="train")
-        quiet = dict(num_figure_samples=0, progress=False)
+        quiet = {"num_figure_samples": 0, "progress": False}
         zero = evaluate_model(model, None, test, **quiet).mean
         rows = [("zero-shot", "-", {k: (zero[k], 0.0) for k in zero}, 0.0)]
         for fusion, weights in (("add", args.weights), ("replace", [1.0])):
@@ -61,7 +61,7 @@ def main() -> None:
         cells = [f"{100 * stats[n][0]:6.1f} ± {100 * stats[n][1]:4.1f}" for n in shown]
         print(f"{fusion:10} {weight:>6}  " + "  ".join(cells))
     if args.json:
-        args.json.write_text(json.dumps([dict(fusion=f, weight=w, stats=s) for f, w, s, _ in rows], indent=2))
+        args.json.write_text(json.dumps([{"fusion": f, "weight": w, "stats": s} for f, w, s, _ in rows], indent=2))
     print(f"torch threads: {args.threads}; total {sum(r[3] for r in rows):.0f} s of few-shot evaluation; "
           f"numpy {np.__version__}")  # fmt: skip
 

@@ -280,7 +280,7 @@ def test_few_shot_protocol_draws_per_category_and_seed_and_restores_the_bank(syn
     model = tiny_model()
     model.set_reference(pixels(1, seed=9))
     own = model.reference_bank.features_0.clone()
-    quiet = dict(num_figure_samples=0, progress=False)
+    quiet = {"num_figure_samples": 0, "progress": False}
     result = evaluate_few_shot(model, None, test, train, num_shots=2, seed=4, **quiet)
     assert torch.equal(model.reference_bank.features_0, own) and model.reference_bank.num_images == 1
     info = result.info["few_shot"]

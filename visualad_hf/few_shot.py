@@ -188,7 +188,7 @@ class VisualADReferenceBank(nn.Module):
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
         except (OSError, ValueError, RuntimeError) as error:  # safetensors raises SafetensorError (a ValueError)
             raise ReferenceBankError(
                 f"{path}: not a readable reference bank ({type(error).__name__}: {str(error)[:200]}); rebuild it with "
@@ -327,10 +327,11 @@ class ReferenceMixin:
     def _load_reference_from(self, source: str | os.PathLike, hub_kwargs: dict) -> None:
         """`from_pretrained`'s hook: load the folder's (or Hub repo's) bank when there is one."""
         folder = Path(source)
+        expected = self.config.reference_num_images
         if folder.is_dir():
             path = folder / hub_kwargs.get("subfolder", "") / REFERENCE_BANK_FILE
             path = path if path.is_file() else None
-        else:
+        elif expected:  # a Hub repo: ask for the file only when its config.json announces a bank
             from transformers.utils import cached_file
 
             keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
@@ -338,7 +339,8 @@ class ReferenceMixin:
                                    _raise_exceptions_for_connection_errors=False,
                                    **{k: hub_kwargs[k] for k in keys if hub_kwargs.get(k) is not None})  # fmt: skip
             path = Path(resolved) if resolved else None
-        expected = self.config.reference_num_images
+        else:
+            path = None
         if path is None:
             if expected:
                 raise ReferenceBankError(

@@ -116,7 +116,7 @@ class FewShotSummary:
         body = [[row, *(f"{100 * self.mean[row][n]:.1f}±{100 * self.std[row][n]:.1f}" for n in names)]
                 for row in self.mean]  # fmt: skip
         widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-        line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         rule = "-" * len(line(header))
         title = f"{self.num_shots}-shot, seeds {', '.join(map(str, self.seeds))} (mean ± std over seeds)"
         return "\n".join([title, line(header), rule, *map(line, body[:-1]), rule, line(body[-1])])

@@ -170,7 +170,7 @@ class AnomalySynthesizer:
         if rng.random() < 0.5:  # a rectangle
             area = rng.uniform(0.02, 0.15) * height * width
             aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
-            ph, pw = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            ph, pw = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         else:  # a scar: a thin strip, horizontal or vertical
             long, thin = int(rng.uniform(0.15, 0.35) * max(height, width)), max(2, int(rng.uniform(0.02, 0.05) * height))
             ph, pw = (thin, long) if rng.random() < 0.5 else (long, thin)
