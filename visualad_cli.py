@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("visualad_hf.evaluation", "Evaluate a model on a benchmark: per-category metrics table, files, figures."),
     "reference": ("visualad_hf.commands.reference", "Few-shot: add a reference bank built from good images to a model folder."),
     "convert": ("visualad_hf.convert", "Convert the authors' released VisualAD checkpoint (CLIP.pth) to a model folder."),
+    "app": ("visualad_hf.commands.app", "Serve the web app (Gradio) around a model, or write a Hugging Face Space."),
 }
 
 
