@@ -156,6 +156,14 @@ def test_an_exported_graph_carries_the_bank():
     assert (fused - zero_shot).abs().max() > 0.1
 
 
+def test_push_to_hub_from_save_pretrained_writes_the_bank_first(tmp_path):
+    model = tiny_model()
+    model.set_reference(pixels(1, seed=12))
+    with pytest.raises(OSError):  # offline (conftest): the upload fails, after the folder is complete
+        model.save_pretrained(tmp_path / "m", push_to_hub=True, repo_id="someone/tiny-few-shot")
+    assert VisualADModel.from_pretrained(tmp_path / "m").reference_bank.num_images == 1
+
+
 def test_missing_bank_file_is_an_error_not_a_silent_zero_shot_model(tmp_path):
     model = tiny_model()
     model.set_reference(pixels(2, seed=7))

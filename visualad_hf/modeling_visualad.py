@@ -562,11 +562,13 @@ class VisualADModel(ReferenceMixin, VisualADPreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         # The few-shot bank is a file beside the weights (few_shot.py); with push_to_hub, upload after it is written.
+        hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "create_pr") if key in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             self._save_reference_to_folder(save_directory)
-        if push_to_hub:
-            self.push_to_hub(kwargs.get("repo_id") or Path(save_directory).name, token=kwargs.get("token"))
+            if push_to_hub:
+                repo_id = hub.pop("repo_id", None) or Path(save_directory).name
+                self.push_to_hub(repo_id, token=kwargs.get("token"), **hub)
 
     @classmethod
     def from_backbone(
