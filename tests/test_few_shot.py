@@ -191,6 +191,11 @@ def test_bank_of_another_backbone_or_size_is_refused(tmp_path):
     with pytest.raises(ReferenceBankMismatchError, match="5x5 patch grid .70x70 px., but this input gives 6x6"):
         model(pixels(1, seed=0, size=84))
 
+    tuned = tiny_model(seed=0)
+    with torch.no_grad():
+        tuned.final_layernorm.weight.mul_(1.01)  # as fine-tuning moves the trainable final LayerNorm
+    with pytest.raises(ReferenceBankMismatchError, match="another final LayerNorm"):
+        tuned.load_reference(path)
     # A bf16 copy of the same model accepts the bank (the signature tolerates the cast).
     same = tiny_model(seed=0).to(torch.bfloat16)
     same.load_reference(path)

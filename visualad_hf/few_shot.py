@@ -45,6 +45,7 @@ SIGNATURE_RTOL = 1e-3
 # Elements of one similarity block (batch·patches × bank rows) computed at a time: bounds the memory of a lookup.
 SIMILARITY_BLOCK_ELEMENTS = 1 << 24
 
+
 class ReferenceBankError(VisualADError):
     """A reference bank cannot be built, read or used; the message says why and what to do."""
 
