@@ -37,6 +37,7 @@ import torch
 from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel
 from transformers.utils import logging as hf_logging
 
+from .backbones import BackboneCard, UnsupportedBackboneError, backbone_adapter, family_cards, vision_config_of
 from .configuration_visualad import VisualADConfig
 from .errors import VisualADError
 from .modeling_visualad import VisualADModel, backbone_load_error_message
@@ -50,11 +51,19 @@ HUB_VIT_L14_336 = "openai/clip-vit-large-patch14-336"
 # OpenAI's CLIP derives the head count from the width (`width // 64`); the state dict does not store it.
 OPENAI_HEAD_WIDTH = 64
 
-NO_DINOV2_CHECKPOINT = (
-    "No released DINOv2 VisualAD checkpoint exists: the authors released checkpoints for the CLIP ViT-L/14@336px "
-    "backbone only (weight/train_on_visa/CLIP.pth and weight/train_on_mvtec/CLIP.pth), so there is nothing to convert. "
-    "To use DINOv2, train heads on it: VisualADModel.from_backbone('facebook/dinov2-large') and training/train.py."
-)
+
+
+def no_released_checkpoint(card: BackboneCard) -> str:
+    """Why a backbone family without released VisualAD weights has nothing to convert, and what to do instead."""
+    return (
+        f"No released {card.short_name} VisualAD checkpoint exists: the authors released checkpoints for the CLIP "
+        "ViT-L/14@336px backbone only (weight/train_on_visa/CLIP.pth and weight/train_on_mvtec/CLIP.pth), so there is "
+        f"nothing to convert. To use {card.short_name}, train heads on it: "
+        f"VisualADModel.from_backbone('{card.hub_id}') and training/train.py."
+    )
+
+
+NO_DINOV2_CHECKPOINT = no_released_checkpoint(family_cards()["dinov2"])
 
 # OpenAI CLIP visual-tower names (after `visual.`) -> CLIPVisionModel names.
 _OPENAI_STEM = {
@@ -476,16 +485,18 @@ def openai_clip_to_hf(
 
 def _clip_vision_config(config: Any, source: str) -> CLIPVisionConfig:
     model_type = getattr(config, "model_type", None)
-    if model_type == "clip":
-        return config.vision_config
-    if model_type == "clip_vision_model":
-        return config
-    if model_type and "dinov" in model_type:
-        raise ConversionError(f"{source}: {NO_DINOV2_CHECKPOINT}")
-    raise ConversionError(
+    not_clip = ConversionError(
         f"{source}: a {model_type!r} model is not a CLIP backbone; pass the OpenAI ViT-L-14-336px.pt file or "
         f"{HUB_VIT_L14_336} (or a local copy of it)."
     )
+    try:
+        vision = vision_config_of(config, source)
+    except UnsupportedBackboneError:
+        raise not_clip from None
+    card = backbone_adapter(vision).card
+    if not card.released_checkpoints:
+        raise ConversionError(f"{source}: {no_released_checkpoint(card)}")
+    return vision
 
 
 def load_backbone(
@@ -507,8 +518,9 @@ def load_backbone(
         base_model = HUB_VIT_L14_336 if sha256 == OPENAI_VIT_L14_336_SHA256 else None
         return ClipBackbone(config, state_dict, source, layout, base_model=base_model, sha256=sha256)
 
-    if not path.exists() and "dinov2" in source.lower():
-        raise ConversionError(f"--backbone {source}: {NO_DINOV2_CHECKPOINT}")
+    unreleased = [c for c in family_cards().values() if not c.released_checkpoints and c.tag in source.lower()]
+    if not path.exists() and unreleased:
+        raise ConversionError(f"--backbone {source}: {no_released_checkpoint(unreleased[0])}")
     if not path.exists() and (path.suffix in _WEIGHT_SUFFIXES or source.startswith(("ViT-", "RN"))):
         raise ConversionError(
             f"--backbone {source}: no such file. Download OpenAI's CLIP ViT-L/14@336px from {OPENAI_VIT_L14_336_URL}, "

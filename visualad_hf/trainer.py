@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from transformers import HfArgumentParser
 
 from . import checkpointing
+from .backbones import supported_model_types
 from .configuration_visualad import VisualADConfig
 from .hub import HubUploadError
 from .modeling_visualad import VisualADModel
@@ -72,14 +73,15 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Pretrained backbone for fresh VisualAD heads: a Hub id (openai/clip-vit-large-patch14-336, "
-            "facebook/dinov2-large) or a local folder with its config.json and weights."
+            "facebook/dinov2-large, facebook/dinov3-vitl16-pretrain-lvd1689m, google/siglip2-large-patch16-512, "
+            "nvidia/C-RADIOv4-H) or a local folder with its config.json and weights."
         },
     )
     vision_config: str | None = field(
         default=None,
         metadata={
             "help": "A randomly initialised backbone from this config instead (JSON object; a mapping in YAML) with a "
-            "model_type of clip_vision_model, dinov2 or dinov2_with_registers. For tests and the offline demo."
+            f"model_type of {', '.join(supported_model_types())}. For tests and the offline demo."
         },
     )
     model_name_or_path: str | None = field(
