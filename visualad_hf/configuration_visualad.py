@@ -81,6 +81,11 @@ class VisualADConfig(PreTrainedConfig):
             Decision threshold on the image score, set by calibration; travels with `save_pretrained`.
         threshold_calibration (`dict`, *optional*):
             How `anomaly_threshold` was obtained (method, parameters, number of images).
+        final_layernorm_source (`str`, *optional*):
+            Set by `visualad convert`: which final LayerNorm the converted weights hold. `"backbone"`: the
+            backbone's own (CLIP `ln_post`), as the authors' released evaluation `test.py` used it for the paper's
+            table; `"checkpoint"`: the one trained with the heads (`ln_post_weight`/`ln_post_bias` of the released
+            checkpoint), as their `train.py` used it. `None` for models not converted from the release.
         reference_fusion (`str`, *optional*, defaults to `"add"`):
             How a few-shot reference bank (`model.set_reference`) enters each layer map: `"add"` (map + weight x
             normalised nearest-neighbour distance) or `"replace"` (the distance alone). See `visualad_hf.few_shot`.
@@ -117,6 +122,7 @@ class VisualADConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     anomaly_threshold: float | None = None
     threshold_calibration: dict | None = None
+    final_layernorm_source: Literal["backbone", "checkpoint"] | None = None
     reference_fusion: str = "add"
     reference_weight: float = 2.0
     reference_num_images: int | None = None
