@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("visualad_hf.commands.detect", "Score images/folders: overlay panels plus results.csv/json."),
     "calibrate": ("visualad_hf.commands.calibrate", "Set a model's decision threshold from normal (or labelled) images."),
     "evaluate": ("visualad_hf.commands.evaluate", "Evaluate a model on a benchmark: per-category metrics table, files, figures."),
+    "reference": ("visualad_hf.commands.reference", "Few-shot: add a reference bank built from good images to a model folder."),
     "convert": ("visualad_hf.commands.convert", "Convert the authors' released VisualAD checkpoint (CLIP.pth) to a model folder."),
     "app": ("visualad_hf.commands.app", "Serve the web app (Gradio) around a model, or write a Hugging Face Space."),
 }

@@ -12,7 +12,7 @@ from visualad_hf.cli import main
 
 def test_demo_end_to_end_offline_and_training_helps(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--small", "--steps", "40", "--threads", "1"]) == 0
+    assert main(["demo", "--out", str(out), "--small", "--steps", "40", "--threads", "1", "--finetune-steps", "10"]) == 0
     printed = capsys.readouterr().out
     for text in ("Before training", "After training (40 steps, 0 skipped)", "Gain (mean over target families",
                  "tiny random ViT", "Mean"):  # fmt: skip
@@ -36,3 +36,11 @@ def test_demo_end_to_end_offline_and_training_helps(tmp_path, capsys):
     assert after["pixel_auroc"] - before["pixel_auroc"] > 0.10, (before, after)
     assert after["pixel_aupro"] - before["pixel_aupro"] > 0.10, (before, after)
     assert f"pixel_auroc {100 * (after['pixel_auroc'] - before['pixel_auroc']):+.1f}" in printed
+
+    # Beyond zero-shot (few_shot_demo.py): a 4-shot table, and one fine-tuned on the target families' good images.
+    assert "Few-shot (K=4 good train images per family, seed 0)" in printed and "synthetic defects, 10 steps" in printed
+    few_shot = json.loads((out / "eval_few_shot" / "metrics.json").read_text())
+    assert few_shot["few_shot"]["num_shots"] == 4 and len(few_shot["few_shot"]["references"]["ring"]) == 4
+    assert few_shot["mean"]["image_auroc"] > after["image_auroc"], (few_shot["mean"], after)
+    tuned = json.loads((out / "model_finetuned_normal_only" / "eval_results" / "metrics.json").read_text())["mean"]
+    assert tuned["image_auroc"] is not None and tuned["pixel_auroc"] is not None

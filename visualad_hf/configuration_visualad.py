@@ -18,6 +18,7 @@ from .remote_code import PIPELINE_TASK, with_auto_map, write_remote_code
 SafType = Literal["mlp", "linear", "mlp_residual", "adapter", "leakyrelu"]
 SAF_TYPES: tuple[str, ...] = get_args(SafType)
 POSITION_INTERPOLATION_MODES = TABLE_INTERPOLATIONS
+REFERENCE_FUSIONS = ("add", "replace")  # see visualad_hf/few_shot.py
 
 # CLIP ViT-L/14@336px, the backbone of the released checkpoint (SPEC §1).
 CLIP_VIT_L14_336 = {
@@ -101,6 +102,13 @@ class VisualADConfig(PreTrainedConfig):
             backbone's own (CLIP `ln_post`), as the authors' released evaluation `test.py` used it for the paper's
             table; `"checkpoint"`: the one trained with the heads (`ln_post_weight`/`ln_post_bias` of the released
             checkpoint), as their `train.py` used it. `None` for models not converted from the release.
+        reference_fusion (`str`, *optional*, defaults to `"add"`):
+            How a few-shot reference bank (`model.set_reference`) enters each layer map: `"add"` (map + weight x
+            normalised nearest-neighbour distance) or `"replace"` (the distance alone). See `visualad_hf.few_shot`.
+        reference_weight (`float`, *optional*, defaults to 2.0):
+            Weight of the normalised nearest-neighbour distance in the `"add"` fusion.
+        reference_num_images (`int`, *optional*):
+            Images in the model's reference bank (`reference_bank.safetensors` beside the weights); None: zero-shot.
     """
 
     model_type = "visualad"
@@ -131,6 +139,9 @@ class VisualADConfig(PreTrainedConfig):
     anomaly_threshold: float | None = None
     threshold_calibration: dict | None = None
     final_layernorm_source: Literal["backbone", "checkpoint"] | None = None
+    reference_fusion: str = "add"
+    reference_weight: float = 2.0
+    reference_num_images: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -290,6 +301,15 @@ class VisualADConfig(PreTrainedConfig):
             raise VisualADConfigError(f"topk_ratio={self.topk_ratio} must lie in (0, 1], e.g. 0.01 (the top 1 %).")
         if self.gaussian_sigma < 0:
             raise VisualADConfigError(f"gaussian_sigma={self.gaussian_sigma} must be >= 0 (0 disables smoothing).")
+
+    def validate_reference(self) -> None:
+        """The few-shot reference fusion (see `visualad_hf.few_shot`)."""
+        if self.reference_fusion not in REFERENCE_FUSIONS:
+            raise VisualADConfigError(
+                f"reference_fusion={self.reference_fusion!r} is unknown; choose one of {REFERENCE_FUSIONS}."
+            )
+        if self.reference_weight < 0:
+            raise VisualADConfigError(f"reference_weight={self.reference_weight} must be >= 0 (e.g. the default 2.0).")
 
 
 __all__ = ["VisualADConfig", "VisualADConfigError"]

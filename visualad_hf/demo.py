@@ -24,19 +24,35 @@ HEADLINE_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
 # are scratches, holes and stains; cut-and-paste patches (same texture, moved) are left out, since a random backbone
 # gives the heads little to tell them by.
 DEMO_BENCHMARK = {
-    "num_train": 0,
+    "num_train": 16,  # good train images: the few-shot banks and the normal-only fine-tuning (few_shot_demo.py)
     "num_test_normal": 16,
     "num_test_anomalous": 24,
     "defect_types": ("scratch", "hole", "stain"),
 }
-SMALL_BENCHMARK = {**DEMO_BENCHMARK, "num_test_normal": 4, "num_test_anomalous": 6}
+SMALL_BENCHMARK = {**DEMO_BENCHMARK, "num_train": 4, "num_test_normal": 4, "num_test_anomalous": 6}
 DEFAULT_THREADS = 1
 """torch CPU threads the demo uses by default. The tiny model's operations are too small to gain from more: on an
 idle 2-core machine 2 threads save a few seconds, but on a busy one every operation waits for the slower thread
 and the demo took 3x (load 3) to 30x (8 busy processes) longer. See benchmarks/README.md, "Offline demo"."""
 
 
-def run_demo(out: Path, *, steps: int | None = None, seed: int | None = None, small: bool = False) -> dict:
+def demo_benchmark(out: Path, *, small: bool = False, **overrides):
+    """Write the demo's synthetic benchmark (the families of `synthetic_tiny.yaml`) to `out`."""
+    import yaml
+
+    from .data import generate_synthetic_benchmark
+
+    config = yaml.safe_load(TINY_CONFIG.read_text(encoding="utf-8"))
+    sizes = {**(SMALL_BENCHMARK if small else DEMO_BENCHMARK), **overrides}
+    return generate_synthetic_benchmark(
+        out, auxiliary_categories=config["train_categories"], target_categories=config["eval_categories"], **sizes
+    )
+
+
+def run_demo(
+    out: Path, *, steps: int | None = None, seed: int | None = None, small: bool = False,
+    finetune_steps: int | None = None,
+) -> dict:
     """Run the demo into `out`; return the metrics before and after training and their difference."""
     from accelerate.utils import set_seed
 
@@ -57,7 +73,7 @@ def run_demo(out: Path, *, steps: int | None = None, seed: int | None = None, sm
         argv += ["--seed", str(seed)]
     model_args, data_args, training_args = parse_args(argv)
     sizes = SMALL_BENCHMARK if small else DEMO_BENCHMARK
-    _say(f"1/4  Writing the synthetic benchmark to {data_dir}")
+    _say(f"1/5  Writing the synthetic benchmark to {data_dir}")
     benchmark = generate_synthetic_benchmark(
         data_dir,
         auxiliary_categories=data_args.train_categories,
@@ -67,7 +83,7 @@ def run_demo(out: Path, *, steps: int | None = None, seed: int | None = None, sm
     _say(f"     train on (auxiliary): {', '.join(benchmark.auxiliary_categories)}")
     _say(f"     evaluate on (target, never seen in training): {', '.join(benchmark.target_categories)}")
 
-    _say("2/4  Evaluating the untrained model on the target families")
+    _say("2/5  Evaluating the untrained model on the target families")
     _quiet_libraries()
     _, eval_dataset = load_datasets(data_args, training_args.seed)
     set_seed(training_args.seed)  # the same initialisation `train` starts from
@@ -77,12 +93,20 @@ def run_demo(out: Path, *, steps: int | None = None, seed: int | None = None, sm
     del untrained
     before.save(out / "eval_before_training")
 
-    _say(f"3/4  Training ({model_dir})")
+    _say(f"3/5  Training ({model_dir})")
     result = train(model_args, data_args, training_args)
     after = result.eval_results
 
-    _say("4/4  Overlays of target images")
+    _say("4/5  Overlays of target images")
     overlays = write_overlays(model_dir, eval_dataset, out / "overlays")
+
+    _say("5/5  Beyond zero-shot: few-shot reference banks, and fine-tuning on the target families' good images")
+    from .few_shot_demo import beyond_zero_shot
+
+    beyond = beyond_zero_shot(model_dir, eval_dataset, benchmark.load("target", split="train"),
+                              (model_args, data_args, training_args), out / "model_finetuned_normal_only",
+                              **({"finetune_steps": finetune_steps} if finetune_steps else {}))  # fmt: skip
+    beyond["few_shot"].save(out / "eval_few_shot")
 
     gain = {name: _difference(after.mean.get(name), before.mean.get(name)) for name in after.mean}
     elapsed = time.perf_counter() - start
@@ -96,6 +120,7 @@ def run_demo(out: Path, *, steps: int | None = None, seed: int | None = None, sm
     _say("Gain (mean over target families, points x100): " + ", ".join(
         f"{name} {100 * gain[name]:+.1f}" for name in HEADLINE_METRICS if gain.get(name) is not None
     ))  # fmt: skip
+    _say_beyond(beyond, after)
     _say(
         "Note: the backbone is a tiny random ViT, so these figures show that training works, not what VisualAD "
         "reaches with CLIP or DINOv2 (the paper reports e.g. 92.2 image AUROC on MVTec-AD with CLIP)."
@@ -103,8 +128,28 @@ def run_demo(out: Path, *, steps: int | None = None, seed: int | None = None, sm
     _say(f"Model folder: {model_dir}  (VisualADModel.from_pretrained / pipeline('anomaly-detection', model=...))")
     _say(f"Overlays: {out / 'overlays'} ({len(overlays)} panels)")
     _say(f"Evaluation files and figures: {out / 'eval_before_training'} (before), {model_dir / 'eval_results'} (after)")
+    _say(f"Few-shot and fine-tuned: {out / 'eval_few_shot'}, {out / 'model_finetuned_normal_only'}")
     _say(f"Done in {elapsed:.0f} s.")
-    return {"before": before.mean, "after": after.mean, "gain": gain, "overlays": overlays, "seconds": elapsed}
+    return {"before": before.mean, "after": after.mean, "gain": gain, "overlays": overlays, "seconds": elapsed,
+            "few_shot": beyond["few_shot"].mean, "fine_tuned": beyond["fine_tuned"].mean}  # fmt: skip
+
+
+def _say_beyond(beyond: dict, zero_shot) -> None:
+    """The few-shot and normal-only fine-tuned tables, each with its gain over the zero-shot table."""
+    shots = beyond["few_shot"].info["few_shot"]
+    for title, result in (
+        (f"Few-shot (K={shots['num_shots']} good train images per family, seed {shots['seed']}), target families:",
+         beyond["few_shot"]),
+        (f"Fine-tuned on the target families' good train images only (synthetic defects, {beyond['finetune_steps']} "
+         "steps from the model above), target families:", beyond["fine_tuned"]),
+    ):  # fmt: skip
+        _say("")
+        _say(title)
+        _say(result.format_table())
+        _say("Gain over zero-shot (points x100): " + ", ".join(
+            f"{name} {100 * (result.mean[name] - zero_shot.mean[name]):+.1f}" for name in HEADLINE_METRICS
+            if result.mean.get(name) is not None and zero_shot.mean.get(name) is not None
+        ))  # fmt: skip
 
 
 def write_overlays(model_dir: Path, dataset, out_dir: Path) -> list[Path]:
@@ -160,4 +205,4 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-__all__ = ["DEFAULT_THREADS", "TINY_CONFIG", "pick_overlay_rows", "run_demo", "write_overlays"]
+__all__ = ["DEFAULT_THREADS", "TINY_CONFIG", "demo_benchmark", "pick_overlay_rows", "run_demo", "write_overlays"]

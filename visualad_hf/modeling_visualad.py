@@ -26,6 +26,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .backbones import BackboneAdapter, backbone_adapter, layer_class_names, vision_config_of
 from .configuration_visualad import VisualADConfig
+from .few_shot import ReferenceMixin, VisualADReferenceBank
 from .scoring import topk_mean
 
 logger = transformers_logging.get_logger(__name__)
@@ -331,7 +332,7 @@ def _init_linear_like_torch(linear: nn.Linear) -> None:
     init.uniform_(linear.bias, -bound, bound)
 
 
-class VisualADModel(VisualADPreTrainedModel):
+class VisualADModel(ReferenceMixin, VisualADPreTrainedModel):
     """VisualAD: a frozen ViT backbone plus the trainable tokens, final LayerNorm, SCA and SAF modules.
 
     Only the tokens, the backbone's final LayerNorm and the per-layer SCA/SAF modules are trainable; the rest of the
@@ -356,6 +357,7 @@ class VisualADModel(VisualADPreTrainedModel):
         )
         saf_class = SELF_ALIGNMENT_CLASSES[config.saf_type]
         self.self_alignment = nn.ModuleList(saf_class(config) for _ in config.feature_layers)
+        self.reference_bank = VisualADReferenceBank(config)  # few-shot mode (visualad_hf/few_shot.py); empty: zero-shot
         self.post_init()
         self.freeze_backbone()
 
@@ -505,6 +507,7 @@ class VisualADModel(VisualADPreTrainedModel):
         )
 
         layer_anomaly_maps, enhanced_tokens = self.layer_anomaly_maps(kept, hidden_states, (grid_height, grid_width))
+        layer_anomaly_maps = self.apply_reference(kept, layer_anomaly_maps)  # few-shot bank, if set
         upsampled = F.interpolate(layer_anomaly_maps, size=(height, width), mode="bilinear", align_corners=False)
         anomaly_map = upsampled.sum(dim=1)
         image_logits = topk_mean(anomaly_map, self.config.topk_ratio)
@@ -572,7 +575,20 @@ class VisualADModel(VisualADPreTrainedModel):
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.freeze_backbone()
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if source is not None:
+            model._load_reference_from(source, kwargs)  # reference_bank.safetensors, if the folder has one
         return loaded
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        # The few-shot bank is a file beside the weights (few_shot.py); with push_to_hub, upload after it is written.
+        hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "create_pr") if key in kwargs}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self._save_reference_to_folder(save_directory)
+            if push_to_hub:
+                repo_id = hub.pop("repo_id", None) or Path(save_directory).name
+                self.push_to_hub(repo_id, token=kwargs.get("token"), **hub)
 
     @classmethod
     def from_backbone(

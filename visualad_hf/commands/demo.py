@@ -20,6 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=_flags.positive_int, default=DEFAULT_THREADS,
         help=f"torch CPU threads (default {DEFAULT_THREADS}: the tiny model gains nothing from more on a busy CPU)",
     )
+    _flags.add_option(
+        parser, "--finetune-steps", type=_flags.positive_int, default=None,
+        help="steps of the normal-only fine-tuning of the demo's last table (default 100; see few_shot_demo.py)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
     torch.set_num_threads(args.threads)
-    result = run_demo(args.output, steps=args.steps, seed=args.seed, small=args.small)
+    result = run_demo(
+        args.output, steps=args.steps, seed=args.seed, small=args.small, finetune_steps=args.finetune_steps
+    )
     return 0 if result["gain"]["image_auroc"] is not None else 1
 
 

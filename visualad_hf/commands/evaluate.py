@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="loader option, e.g. protocol=official for ksdd2 (repeatable)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--few-shot", type=_flags.positive_int, default=None, metavar="K",
+        help="few-shot protocol: per category, a reference bank of K normal images drawn from its train split",
+    )
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], help="draw seed(s) for --few-shot; several: mean ± std")
+    parser.add_argument("--reference-split", default="train", help="split the --few-shot images are drawn from")
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -99,30 +105,61 @@ def run(args: argparse.Namespace) -> int:
         raise _as_user_error(error) from error
     import warnings
 
+    settings = dict(
+        batch_size=args.batch_size,
+        accelerator=accelerator,
+        dataset_name=dataset.info.dataset_name,
+        aupro_method=args.aupro,
+        num_thresholds=args.num_thresholds,
+        fpr_limit=args.fpr_limit,
+        num_figure_samples=args.figures,
+        figure_value_range=tuple(args.figure_range) if args.figure_range else None,
+        num_workers=args.num_workers,
+        metric_workers=args.metric_workers,
+        storage_dir=args.storage_dir,
+        progress=not args.quiet,
+    )
+    if args.few_shot:  # per-category reference banks drawn from the train split (visualad_hf/few_shot_evaluation.py)
+        references = load_anomaly_dataset(
+            args.dataset, args.data_dir, args.reference_split, args.categories, cache_dir=args.cache_dir, **options
+        )
+        return _few_shot(args, model, processor, dataset, references, accelerator, settings)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*have no ground-truth mask.*")  # printed below, once
-        result = evaluate_model(
-            model,
-            processor,
-            dataset,
-            batch_size=args.batch_size,
-            accelerator=accelerator,
-            dataset_name=dataset.info.dataset_name,
-            aupro_method=args.aupro,
-            num_thresholds=args.num_thresholds,
-            fpr_limit=args.fpr_limit,
-            num_figure_samples=args.figures,
-            figure_value_range=tuple(args.figure_range) if args.figure_range else None,
-            num_workers=args.num_workers,
-            metric_workers=args.metric_workers,
-            storage_dir=args.storage_dir,
-            progress=not args.quiet,
-        )
+        result = evaluate_model(model, processor, dataset, **settings)
     result.info["model"] = args.model
     if accelerator.is_main_process:
         _report(result, args.output, describe_no_mask)
     accelerator.wait_for_everyone()
     return 1 if result.failures else 0
+
+
+def _few_shot(args, model, processor, dataset, references, accelerator, settings) -> int:
+    """`--few-shot K --seed S...`: one table per seed and the mean ± std, written under `--output`."""
+    from ..few_shot_evaluation import evaluate_few_shot_seeds
+    from ..hub import write_json
+
+    summary = evaluate_few_shot_seeds(
+        model, processor, dataset, references, num_shots=args.few_shot, seeds=args.seed, **settings
+    )
+    output = Path(args.output) if args.output is not None and accelerator.is_main_process else None
+    failures = 0
+    for seed, result in zip(summary.seeds, summary.results):
+        accelerator.print(
+            f"\n{result.info.get('dataset')}: {args.few_shot}-shot, seed {seed}, {result.info['num_images']} images"
+        )
+        accelerator.print(result.format_table())
+        failures += len(result.failures)
+        if output is not None:
+            result.save(output / f"seed_{seed}")
+    accelerator.print("\n" + summary.format_table())
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(output / "few_shot.json", summary.to_dict())
+        accelerator.print(f"Results in {output}/ (few_shot.json; seed_<S>/ per seed)")
+    if failures:
+        print(f"{failures} image(s) could not be read and were left out.", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _as_user_error(error: Exception) -> VisualADError:

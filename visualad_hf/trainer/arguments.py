@@ -117,6 +117,20 @@ class DataArguments:
         default=None, metadata={"help": "Evaluate on a seeded random subset of this many images (quick trials)."}
     )
     dataset_cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of the `datasets` tables."})
+    train_dataset_options: str | None = field(
+        default=None, metadata={"help": 'Loader options of the training data as JSON, e.g. \'{"normal_dir": "good"}\'.'}
+    )
+    # Normal-only fine-tuning (visualad_hf/data/anomaly_synthesis.py).
+    synthesize_anomalies: bool = field(
+        default=False,
+        metadata={"help": "Paste synthetic defects (Perlin-noise textures, cut-paste) with exact masks onto normal "
+                  "training images on the fly: train from good images only (e.g. the folder loader)."},
+    )
+    synthesis_probability: float = field(default=0.5, metadata={"help": "Share of normal images made anomalous."})
+    synthesis_methods: list[str] | None = field(default=None, metadata={"help": "perlin and/or cutpaste (default both)."})
+    synthesis_textures: list[str] | None = field(
+        default=None, metadata={"help": "Perlin textures: images (other images) and/or procedural (default both)."}
+    )
 
     def display_name(self, which: Literal["train", "eval"]) -> str:
         """How results and the model card name the dataset: the paper's spelling for its benchmarks."""
@@ -138,6 +152,7 @@ class DataArguments:
             )
         if (self.eval_dataset is None) != (self.eval_data_dir is None):
             raise TrainingArgumentError("Give both --eval_dataset and --eval_data_dir, or neither (no evaluation).")
+        self.train_dataset_options = _json_mapping(self.train_dataset_options, "train_dataset_options")
 
 
 @dataclass

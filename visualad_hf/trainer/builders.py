@@ -109,6 +109,7 @@ def _load_one(data_args: DataArguments, seed: int, which: str):
         split=getattr(data_args, f"{which}_split"),
         categories=categories,
         cache_dir=data_args.dataset_cache_dir,
+        **((data_args.train_dataset_options or {}) if which == "train" else {}),
     )
     limit = getattr(data_args, f"max_{which}_samples")
     if limit is not None and limit < len(dataset):

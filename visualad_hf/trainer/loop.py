@@ -187,7 +187,12 @@ def build_collator(image_processor, data_args: DataArguments, args: VisualADTrai
     method is told each epoch before its batches are drawn (so on-the-fly changes are reproducible on resume)."""
     from ..data.collator import VisualADCollator
 
-    return VisualADCollator(image_processor, metadata_columns=("image_path",))
+    collator = VisualADCollator(image_processor, metadata_columns=("image_path",))
+    if data_args.synthesize_anomalies:  # normal-only fine-tuning: synthetic defects on the fly, per epoch
+        from ..data.anomaly_synthesis import synthesizing_collator
+
+        collator = synthesizing_collator(collator, data_args, seed=args.seed)
+    return collator
 
 
 def build_train_dataloader(train_dataset, collator, args: VisualADTrainingArguments) -> DataLoader:
