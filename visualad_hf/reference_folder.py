@@ -60,20 +60,19 @@ def write_reference_model(
     output: str | os.PathLike,
     *,
     batch_size: int = 8,
-    device: str = "cpu",
+    device: str = "auto",
     fusion: str | None = None,
     weight: float | None = None,
     max_images: int | None = None,
 ) -> ReferenceFolder:
     """Load `model_id`, build its reference bank from the good images in `normal` (at most `max_images`, the
     first in sorted order) and write the model with the bank to `output`."""
-    from .evaluation import load_model_and_processor
     from .hub import staged_folder
+    from .inference import load_model_for_inference
     from .image_io import load_image
 
     files = find_normal_images(normal)[:max_images]
-    model, processor = load_model_and_processor(str(model_id))
-    model.to(device).eval()
+    model, processor, _ = load_model_for_inference(str(model_id), device=device)
     if fusion is not None and fusion not in REFERENCE_FUSIONS:
         raise ReferenceBankError(f"fusion {fusion!r} is unknown; choose one of {', '.join(REFERENCE_FUSIONS)}")
     if weight is not None and not weight >= 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._flags import add_batch_size, add_device, add_model, add_output, positive_int, resolve_device
+from ._flags import add_batch_size, add_device, add_model, add_output, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from ..reference_folder import write_reference_model
 
     written = write_reference_model(
-        args.model, args.normal, args.output, batch_size=args.batch_size, device=resolve_device(args.device),
+        args.model, args.normal, args.output, batch_size=args.batch_size, device=args.device,
         fusion=args.fusion, weight=args.weight, max_images=args.max_images,
     )
     print(
