@@ -450,6 +450,7 @@ class VisualADModel(VisualADPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
+        has_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> VisualADOutput | tuple:
@@ -462,6 +463,10 @@ class VisualADModel(VisualADPreTrainedModel):
             masks (`torch.Tensor` of shape `(batch_size, height, width)`, *optional*):
                 Ground-truth masks for the segmentation loss; resized bilinearly to the input size when they differ,
                 then thresholded at 0.5. Normal images have all-zero masks.
+            has_mask (`torch.Tensor` of shape `(batch_size,)`, *optional*):
+                Which images' `masks` are known (bool; default all). An anomalous image without a ground-truth mask
+                has an unknown mask, not an all-normal one: it is left out of the segmentation loss and still counts
+                in the classification and contrastive losses (`VisualADCollator` sets this flag).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         grid_height, grid_width = self._check_pixel_values(pixel_values)
@@ -482,7 +487,7 @@ class VisualADModel(VisualADPreTrainedModel):
         loss = loss_cls = loss_seg = loss_ctr = None
         if labels is not None or masks is not None:
             deepest = enhanced_tokens[max(range(len(feature_layers)), key=lambda i: feature_layers[i])]
-            loss_cls, loss_seg, loss_ctr = self._losses(upsampled, image_logits, deepest, labels, masks)
+            loss_cls, loss_seg, loss_ctr = self._losses(upsampled, image_logits, deepest, labels, masks, has_mask)
             loss = sum(term for term in (loss_cls, loss_seg, loss_ctr) if term is not None)
 
         output = VisualADOutput(
@@ -503,6 +508,7 @@ class VisualADModel(VisualADPreTrainedModel):
         deepest_tokens: torch.Tensor,
         labels: torch.Tensor | None,
         masks: torch.Tensor | None,
+        has_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """`L_cls`, `L_seg` (None without masks) and `L_ctr` of SPEC §5."""
         size = upsampled_maps.shape[-2:]
@@ -520,10 +526,16 @@ class VisualADModel(VisualADPreTrainedModel):
         loss_seg = None
         if masks is not None:
             probabilities = torch.sigmoid(upsampled_maps)
-            loss_seg = sum(
-                focal_loss(probabilities[:, i], masks) + dice_loss(probabilities[:, i], masks)
-                for i in range(probabilities.shape[1])
-            )
+            if has_mask is not None:  # images with an unknown mask take no part in L_seg
+                known = has_mask.to(device=masks.device, dtype=torch.bool)
+                probabilities, masks = probabilities[known], masks[known]
+            if masks.shape[0] == 0:
+                loss_seg = upsampled_maps.sum() * 0.0  # no known mask in the batch; keeps the graph whole (DDP)
+            else:
+                loss_seg = sum(
+                    focal_loss(probabilities[:, i], masks) + dice_loss(probabilities[:, i], masks)
+                    for i in range(probabilities.shape[1])
+                )
         cosine = F.cosine_similarity(deepest_tokens[:, 0], deepest_tokens[:, 1], dim=-1)
         loss_ctr = F.relu(cosine + CONTRASTIVE_MARGIN).mean()
         return loss_cls, loss_seg, loss_ctr
