@@ -22,8 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("visualad_hf.detect", "Score images/folders: overlay panels plus results.csv/json."),
     "calibrate": ("visualad_hf.calibrate", "Set a model's decision threshold from normal (or labelled) images."),
     "evaluate": ("visualad_hf.evaluation", "Evaluate a model on a benchmark: per-category metrics table, files, figures."),
-    "convert": ("visualad_hf.convert", "Convert the authors' released VisualAD checkpoint (CLIP.pth) to a model folder."),
+    "convert": ("visualad_hf.commands.convert", "Convert the authors' released VisualAD checkpoint (CLIP.pth) to a model folder."),
     "export": ("visualad_hf.commands.export", "Export a model to ONNX / OpenVINO (optionally int8) to run without PyTorch."),
+    "app": ("visualad_hf.commands.app", "Serve the web app (Gradio) around a model, or write a Hugging Face Space."),
 }
 
 

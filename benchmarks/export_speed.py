@@ -131,7 +131,7 @@ def accuracy(work: Path, threads: int) -> dict:
     model_dir = demo / "model"
     argv = ["--config", str(TINY_CONFIG), "--train_data_dir", str(demo / "synthetic"),
             "--eval_data_dir", str(demo / "synthetic"), "--output_dir", str(work / "unused")]  # fmt: skip
-    model_args, data_args, training_args = parse_args(argv)
+    _, data_args, training_args = parse_args(argv)
     _, eval_dataset = load_datasets(data_args, training_args.seed)
     models = {"torch fp32": VisualADModel.from_pretrained(model_dir).eval()}
     for name, kwargs in (("ORT fp32", {}), ("ORT int8", {"quantize": "int8"})):
@@ -143,7 +143,9 @@ def accuracy(work: Path, threads: int) -> dict:
         result = evaluate_model(model, None, eval_dataset, batch_size=8, num_figure_samples=0, progress=False)
         tables[name] = result.mean
         scores[name] = torch.tensor([row["score"] for row in result.per_image], dtype=torch.float64)
-        print(f"{name}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in result.mean.items() if v is not None), flush=True)
+        print(
+            f"{name}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in result.mean.items() if v is not None), flush=True
+        )
     change = {
         key: 100 * (tables["ORT int8"][key] - tables["ORT fp32"][key])
         for key in tables["ORT fp32"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
 import pickle
@@ -30,6 +31,7 @@ from visualad_hf.convert import (
     load_torchscript_tensors,
     openai_clip_to_hf,
     read_state_dict,
+    save_converted,
 )
 
 WIDTH, DEPTH = 64, 2
@@ -223,7 +225,8 @@ def _hf_vision_model(files) -> CLIPVisionModel:
 def test_hugging_face_folders_convert_like_the_openai_file(files, reference_state, tmp_path):
     vision = _hf_vision_model(files)
     vision.save_pretrained(tmp_path / "clip-vision")
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=49408)
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text["vocab_size"] = 49408
     full = CLIPModel(CLIPConfig(vision_config=vision.config.to_dict(), text_config=text, projection_dim=16))
     full.vision_model.load_state_dict(vision.state_dict())
     full.save_pretrained(tmp_path / "clip-full")
@@ -396,9 +399,10 @@ def test_cli_writes_a_loadable_folder_and_push_fails_clearly_offline(files, tmp_
         ["convert", "--backbone", str(files["clip_path"]), "--checkpoint", str(files["ckpt"]), "--output", str(output),
          "--dtype", "bfloat16", "--push-to-hub", "someone/visualad-test"]
     )  # fmt: skip
-    assert status == 1
+    assert status == 1  # the folder is complete, only the upload failed
     error = capsys.readouterr().err
-    assert f"The converted model in {output} is complete" in error and "hf upload someone/visualad-test" in error
+    assert f"The model is complete in {output}" in error and f"hf upload someone/visualad-test {output}" in error
+    assert error.strip().splitlines()[-1].startswith("visualad convert: error: Not uploaded to someone/visualad-test")
     written = {path.name for path in output.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= written
     model = VisualADModel.from_pretrained(output)
@@ -411,7 +415,7 @@ def test_cli_reports_errors_without_a_traceback(files, tmp_path, capsys):
         ["convert", "--backbone", str(files["clip_path"]), "--checkpoint", str(tmp_path / "nope.pth"),
          "--output", str(tmp_path / "o")]
     )  # fmt: skip
-    assert status == 1
+    assert status == 2  # the dispatcher's status for errors a user can fix (VisualADError)
     assert "visualad convert: error: --checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -439,3 +443,127 @@ def test_python_dash_m_entry_point(tmp_path, monkeypatch, capsys):
 def test_read_state_dict_drops_non_tensors(tmp_path):
     torch.save({"visual.conv1.weight": torch.zeros(2), "note": "hello"}, tmp_path / "mixed.pt")
     assert set(read_state_dict(tmp_path / "mixed.pt")) == {"visual.conv1.weight"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing the folder: whole or not at all
+
+
+def _convert_argv(files, output, *extra):
+    return ["convert", "--backbone", str(files["clip_path"]), "--checkpoint", str(files["ckpt"]),
+            "--output", str(output), *extra]  # fmt: skip
+
+
+def _disk_full_safetensors(tensors, filename, metadata=None):
+    """What safetensors does when the disk fills: part of the file written, then its own error type."""
+    from safetensors import SafetensorError
+
+    with open(filename, "wb") as handle:
+        handle.write(b"\0" * 1000)
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _leftovers(parent):
+    return sorted(path.name for path in parent.iterdir() if path.name.startswith("."))
+
+
+def test_full_disk_while_writing_weights_is_one_line_and_leaves_nothing(files, tmp_path, capsys, monkeypatch):
+    import transformers.modeling_utils
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _disk_full_safetensors)
+    output = tmp_path / "out"
+    assert cli_main(_convert_argv(files, output)) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == (
+        f"visualad convert: error: the disk is full while writing {output}; free some space and run the same command "
+        "again (finished results were kept)"
+    )
+    assert not any(line.startswith("Traceback") for line in lines)
+    assert not output.exists() and _leftovers(tmp_path) == []
+
+
+def test_full_disk_keeps_the_previous_folder_untouched(files, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "out"
+    assert cli_main(_convert_argv(files, output)) == 0
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".staging" / "README.md"))
+
+    monkeypatch.setattr("huggingface_hub.ModelCard.save", full)  # the last file written: everything else is done
+    assert cli_main(_convert_argv(files, output, "--final-layernorm", "checkpoint")) == 1
+    assert f"the disk is full while writing {output};" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_other_write_errors_are_not_called_a_full_disk(files, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def broken(*_args, **_kwargs):
+        raise SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+
+    import transformers.modeling_utils
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", broken)
+    with pytest.raises(SafetensorError, match="os error 13"):
+        save_converted(convert_checkpoint(files["clip_path"], files["ckpt"]), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_reconverting_replaces_the_folder_as_a_whole(files, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "stale.txt").write_text("from an older run")
+    save_converted(convert_checkpoint(files["clip_path"], files["ckpt"], final_layernorm="checkpoint"), output)
+    assert not (output / "stale.txt").exists()
+    assert json.loads((output / "config.json").read_text())["final_layernorm_source"] == "checkpoint"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flags
+
+
+def test_summary_names_the_final_layernorm_and_old_output_spelling_still_works(files, tmp_path, capsys):
+    output = tmp_path / "out"
+    argv = ["convert", "--backbone", str(files["clip_path"]), "--checkpoint", str(files["ckpt"]), "--out", str(output)]
+    assert cli_main(argv) == 0
+    captured = capsys.readouterr()
+    assert "note: --out is deprecated and will be removed in the next release; use --output." in captured.err
+    assert "final LayerNorm: backbone: the backbone's own final LayerNorm (CLIP's ln_post)" in captured.out
+    assert "--final-layernorm checkpoint for the other one" in captured.out
+    assert (output / "model.safetensors").is_file()
+
+
+def test_final_layernorm_choice_changes_exactly_the_layernorm(files):
+    clip, released = files["clip"], files["released"]
+    default = convert_checkpoint(files["clip_path"], files["ckpt"]).model.state_dict()
+    trained = convert_checkpoint(files["clip_path"], files["ckpt"], final_layernorm="checkpoint").model.state_dict()
+    changed = {name for name in default if not torch.equal(default[name], trained[name])}
+    assert changed == {"backbone.post_layernorm.weight", "backbone.post_layernorm.bias"}
+    assert torch.equal(default["backbone.post_layernorm.weight"], clip["visual.ln_post.weight"])
+    assert torch.equal(trained["backbone.post_layernorm.bias"], released["ln_post_bias"])
+    with pytest.raises(ConversionError, match="final_layernorm='trained' is not one of backbone, checkpoint"):
+        convert_checkpoint(files["clip_path"], files["ckpt"], final_layernorm="trained")
+
+
+def test_checkpoint_layernorm_is_checked_even_when_not_installed(files, tmp_path):
+    released = dict(files["released"], ln_post_weight=torch.ones(WIDTH + 1))
+    with pytest.raises(ConversionError, match=r"ln_post_weight has shape \[65\], expected \[64\]"):
+        _convert_with(files, tmp_path, released)
+
+
+def test_unknown_final_layernorm_on_the_command_line(files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(_convert_argv(files, tmp_path / "o", "--final-layernorm", "trained"))
+    assert exit_info.value.code == 2
+    assert "argument --final-layernorm: invalid choice: 'trained'" in capsys.readouterr().err
+
+
+def test_old_uploader_name_forwards_to_the_one_uploader(tmp_path):
+    from visualad_hf.convert import push_folder_to_hub
+    from visualad_hf.hub import HubUploadError
+
+    warns = pytest.warns(DeprecationWarning, match="use visualad_hf.hub.push_folder")
+    with warns, pytest.raises(HubUploadError, match="HF_HUB_OFFLINE=1 forbids network access"):
+        push_folder_to_hub(tmp_path, "someone/visualad-test")

@@ -1,10 +1,15 @@
 """Numerical parity of converted checkpoints with the authors' implementation.
 
-1. The official fixture (`../shared/fixtures/official_parity/`, made by running the authors' code on random weights,
-   SPEC §9) is converted with the CLI and every expected tensor is matched within 1e-4, end to end from the PNGs.
-2. Other shapes (width, depth, heads, feature layers, patch size, native grid, input size, anchors, SAF width) are
+1. The official fixture (`tests/fixtures/official_parity/`, made by running the authors' code on random weights with
+   the checkpoint's trained final LayerNorm everywhere, SPEC §9) is converted with the CLI
+   (`--final-layernorm checkpoint`) and every expected tensor is matched within 1e-4, end to end from the PNGs.
+2. The released-path fixture (`tests/fixtures/official_parity_released/`, a TorchScript CLIP; its inference keys made
+   by the authors' released `test.py`, which keeps the backbone's final LayerNorm, its training keys by their
+   `train.py`, which uses the trained one) is converted both ways: the default conversion reproduces the inference
+   keys, `--final-layernorm checkpoint` the training keys, each within 1e-4, and each choice misses the other's keys.
+3. Other shapes (width, depth, heads, feature layers, patch size, native grid, input size, anchors, SAF width) are
    checked against `reference_forward`: a direct float64 transcription of SPEC §1–§5 on the raw released tensors,
-   sharing no code with the package.
+   sharing no code with the package, with either final LayerNorm.
 
 The generators of random OpenAI-layout CLIP weights and released-layout VisualAD checkpoints are also used by
 `test_convert.py`.
@@ -18,7 +23,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PARITY_DIR
+from conftest import PARITY_DIR, RELEASED_PARITY_DIR
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor
 
@@ -165,7 +170,18 @@ def _unit(x):
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
 
-def reference_forward(clip: dict, released: dict, pixel_values, num_heads: int, masks=None, labels=None, topk=0.01):
+def reference_forward(
+    clip: dict,
+    released: dict,
+    pixel_values,
+    num_heads: int,
+    masks=None,
+    labels=None,
+    topk=0.01,
+    final_layernorm: str = "checkpoint",
+):
+    """SPEC §1–§5; `final_layernorm="backbone"` keeps CLIP's `ln_post` (the authors' released test.py), "checkpoint"
+    uses the trained `ln_post_weight`/`ln_post_bias` (their train.py)."""
     c = {k[len("visual.") :]: v.double() for k, v in clip.items() if k.startswith("visual.")}
     r = released
     x = pixel_values.double()
@@ -202,8 +218,13 @@ def reference_forward(clip: dict, released: dict, pixel_values, num_heads: int, 
         h = h + y @ c[p + "mlp.c_proj.weight"].T + c[p + "mlp.c_proj.bias"]
         kept[i + 1] = h
 
+    if final_layernorm == "checkpoint":
+        post_weight, post_bias = r["ln_post_weight"].double(), r["ln_post_bias"].double()
+    else:
+        post_weight, post_bias = c["ln_post.weight"], c["ln_post.bias"]
+
     def ln_post(t):
-        return _layer_norm(t, r["ln_post_weight"].double(), r["ln_post_bias"].double())
+        return _layer_norm(t, post_weight, post_bias)
 
     a, n = ln_post(h[:, 0]), ln_post(h[:, 1])
 
@@ -220,7 +241,7 @@ def reference_forward(clip: dict, released: dict, pixel_values, num_heads: int, 
         V = P @ s["v_proj.weight"].T
         U = torch.softmax(Q @ K.transpose(1, 2) / math.sqrt(width), dim=-1) @ V  # [B, m, d]
 
-        def enhance(t):
+        def enhance(t, s=s, U=U):
             gate = torch.sigmoid(t @ s["gate.0.weight"].T + s["gate.0.bias"])  # [B, m]
             mixed = (gate[:, :, None] * U).sum(1)
             return t + s["res_scale"] * (mixed @ s["out_proj.weight"].T + s["out_proj.bias"])
@@ -274,6 +295,7 @@ def converted_fixture(tmp_path_factory):
             "--backbone", str(PARITY_DIR / "clip_openai.pt"),
             "--checkpoint", str(PARITY_DIR / "visualad_official.pth"),
             "--output", str(output),
+            "--final-layernorm", "checkpoint",  # the fixture was made with the trained LayerNorm for every key
         ]
     )  # fmt: skip
     assert status == 0
@@ -348,20 +370,112 @@ def test_reference_forward_reproduces_the_fixture():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2. Any shape that fits
+# 2. The released-path fixture, both final LayerNorms
+
+
+RELEASED_FIXTURE = json.loads((RELEASED_PARITY_DIR / "fixture.json").read_text())
+LAYERNORM_PER_KEY = RELEASED_FIXTURE["final_layernorm_per_key"]
+
+
+def fixture_values(folder, fixture_dir, expected) -> dict[str, torch.Tensor]:
+    """Every key of a parity fixture, computed by the converted folder from the fixture's PNGs (Auto classes)."""
+    images = json.loads((fixture_dir / "fixture.json").read_text())["images"]
+    processor = AutoImageProcessor.from_pretrained(folder)
+    model = VisualADModel.from_pretrained(folder).eval()
+    inputs = processor(images=[str(fixture_dir / name) for name in images], return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(inputs["pixel_values"], labels=expected["labels"], masks=expected["masks"])
+    post = processor.post_process_anomaly_detection(outputs)
+    size = expected["layer_maps"].shape[-2:]
+    return {
+        "pixel_values": inputs["pixel_values"],
+        "layer_maps_grid": outputs.layer_anomaly_maps,
+        "layer_maps": F.interpolate(outputs.layer_anomaly_maps, size=size, mode="bilinear", align_corners=False),
+        "anomaly_map": outputs.anomaly_map,
+        "anomaly_map_blurred": torch.stack([result["anomaly_map"] for result in post]),
+        "image_scores": torch.tensor([result["score"] for result in post]),
+        "train_image_logits": outputs.image_logits,
+        "loss_seg": outputs.loss_seg,
+        "loss_cls": outputs.loss_cls,
+        "loss_ctr": outputs.loss_ctr,
+    }
+
+
+@pytest.fixture(scope="module", params=["backbone", "checkpoint"])
+def released_conversion(request, tmp_path_factory):
+    """The released-path fixture converted with the CLI: the default (`backbone`) or `--final-layernorm checkpoint`."""
+    mode = request.param
+    output = tmp_path_factory.mktemp(f"released-{mode}") / "visualad"
+    argv = ["convert", "--backbone", str(RELEASED_PARITY_DIR / "clip_openai.pt"),
+            "--checkpoint", str(RELEASED_PARITY_DIR / "visualad_official.pth"), "--output", str(output)]  # fmt: skip
+    if mode == "checkpoint":
+        argv += ["--final-layernorm", "checkpoint"]
+    assert cli_main(argv) == 0
+    expected = load_file(RELEASED_PARITY_DIR / "expected.safetensors")
+    return mode, output, expected, fixture_values(output, RELEASED_PARITY_DIR, expected)
+
+
+def test_released_fixture_keys_of_the_chosen_layernorm_match(released_conversion):
+    mode, _, expected, ours = released_conversion
+    keys = [key for key, layernorm in LAYERNORM_PER_KEY.items() if layernorm == mode]
+    assert keys  # the fixture has keys of both kinds
+    torch.testing.assert_close(ours["pixel_values"], expected["pixel_values"], atol=ATOL, rtol=0)
+    for key in keys:
+        torch.testing.assert_close(ours[key], expected[key], atol=ATOL, rtol=0, msg=f"{mode}: {key}")
+
+
+def test_released_fixture_keys_of_the_other_layernorm_differ(released_conversion):
+    """The choice matters: each conversion misses the keys made with the other LayerNorm (so the test can fail)."""
+    mode, _, expected, ours = released_conversion
+    for key, layernorm in LAYERNORM_PER_KEY.items():
+        if layernorm != mode:
+            assert (ours[key] - expected[key]).abs().max() > 10 * ATOL, f"{mode}: {key} matches the other LayerNorm"
+
+
+def test_released_fixture_choice_is_recorded_in_config_and_card(released_conversion):
+    mode, output, _, _ = released_conversion
+    assert json.loads((output / "config.json").read_text())["final_layernorm_source"] == mode
+    assert VisualADModel.from_pretrained(output).config.final_layernorm_source == mode
+    card = (output / "README.md").read_text()
+    assert f"| Final LayerNorm | `{mode}`:" in card
+    phrase = "as the authors' released evaluation script test.py" if mode == "backbone" else "as the authors' train.py"
+    assert phrase in card
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
+def test_reference_forward_reproduces_the_released_fixture():
+    """The test's own transcription, with either LayerNorm, agrees with the authors' released path key by key."""
+    expected = load_file(RELEASED_PARITY_DIR / "expected.safetensors")
+    clip = torch.jit.load(str(RELEASED_PARITY_DIR / "clip_openai.pt")).state_dict()  # our own fixture: safe to run
+    released = torch.load(RELEASED_PARITY_DIR / "visualad_official.pth", weights_only=True)
+    names = {"layer_maps_grid": "layer_maps", "anomaly_map": "anomaly_map", "train_image_logits": "image_logits",
+             "loss_seg": "loss_seg", "loss_cls": "loss_cls", "loss_ctr": "loss_ctr"}  # fmt: skip
+    for mode in ("backbone", "checkpoint"):
+        ref = reference_forward(
+            clip, released, expected["pixel_values"], num_heads=RELEASED_FIXTURE["heads"], masks=expected["masks"],
+            labels=expected["labels"], final_layernorm=mode,
+        )  # fmt: skip
+        for key, ours in names.items():
+            if LAYERNORM_PER_KEY[key] == mode:
+                torch.testing.assert_close(ref[ours].float(), expected[key], atol=ATOL, rtol=0, msg=f"{mode}: {key}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Any shape that fits
 
 
 SHAPES = {
     # width 96 with 3 heads breaks OpenAI's width // 64 rule: heads come from --num-heads.
-    "w96-h3-d3-p8-grid3to5": dict(width=96, heads=3, depth=3, patch=8, native=3, features=(1, 3), image=40, anchors=3, max_patches=30),
-    "w128-h2-d5-p14-grid4to6": dict(width=128, heads=None, depth=5, patch=14, native=4, features=(5, 2), image=84, anchors=2, max_patches=36),
-    "w64-h1-d2-p16-grid2to3-saf32": dict(width=64, heads=None, depth=2, patch=16, native=2, features=(2,), image=48, anchors=5, max_patches=20, saf_hidden=32),
-    "w64-h4-d2-native-size": dict(width=64, heads=4, depth=2, patch=14, native=3, features=(1, 2), image=42, anchors=1, max_patches=9),
+    "w96-h3-d3-p8-grid3to5": {"width": 96, "heads": 3, "depth": 3, "patch": 8, "native": 3, "features": (1, 3), "image": 40, "anchors": 3, "max_patches": 30},
+    "w128-h2-d5-p14-grid4to6": {"width": 128, "heads": None, "depth": 5, "patch": 14, "native": 4, "features": (5, 2), "image": 84, "anchors": 2, "max_patches": 36},
+    "w64-h1-d2-p16-grid2to3-saf32": {"width": 64, "heads": None, "depth": 2, "patch": 16, "native": 2, "features": (2,), "image": 48, "anchors": 5, "max_patches": 20, "saf_hidden": 32},
+    "w64-h4-d2-native-size": {"width": 64, "heads": 4, "depth": 2, "patch": 14, "native": 3, "features": (1, 2), "image": 42, "anchors": 1, "max_patches": 9},
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("final_layernorm", ["backbone", "checkpoint"])
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_converted_model_matches_reference_for_any_shape(shape, tmp_path):
+def test_converted_model_matches_reference_for_any_shape(shape, final_layernorm, tmp_path):
     clip = make_openai_clip(
         width=shape["width"], depth=shape["depth"], patch=shape["patch"], native_grid=shape["native"]
     )
@@ -375,7 +489,10 @@ def test_converted_model_matches_reference_for_any_shape(shape, tmp_path):
     )
     torch.save(clip, tmp_path / "clip.pt")
     torch.save(released, tmp_path / "released.pth")
-    model = convert_checkpoint(tmp_path / "clip.pt", tmp_path / "released.pth", num_heads=shape["heads"]).model
+    model = convert_checkpoint(
+        tmp_path / "clip.pt", tmp_path / "released.pth", num_heads=shape["heads"], final_layernorm=final_layernorm
+    ).model
+    assert model.config.final_layernorm_source == final_layernorm
     heads = shape["heads"] or shape["width"] // 64
     assert model.config.vision_config.num_attention_heads == heads
     assert model.config.feature_layers == list(shape["features"])
@@ -388,7 +505,9 @@ def test_converted_model_matches_reference_for_any_shape(shape, tmp_path):
     labels = torch.tensor([0.0, 1.0])
     with torch.no_grad():
         ours = model(pixel_values, labels=labels, masks=masks)
-    ref = reference_forward(clip, released, pixel_values, num_heads=heads, masks=masks, labels=labels)
+    ref = reference_forward(
+        clip, released, pixel_values, num_heads=heads, masks=masks, labels=labels, final_layernorm=final_layernorm
+    )
     torch.testing.assert_close(ours.layer_anomaly_maps, ref["layer_maps"].float(), atol=ATOL, rtol=0)
     torch.testing.assert_close(ours.anomaly_map, ref["anomaly_map"].float(), atol=ATOL, rtol=0)
     torch.testing.assert_close(ours.image_logits, ref["image_logits"].float(), atol=ATOL, rtol=0)

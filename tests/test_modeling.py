@@ -364,7 +364,7 @@ def test_from_backbone_rejects_other_architectures(tmp_path):
     from transformers import BertConfig
 
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="CLIP vision or DINOv2"):
+    with pytest.raises(ValueError, match="needs a ViT backbone of a supported family: CLIP ViT"):
         VisualADModel.from_backbone(str(tmp_path))
 
 

@@ -13,12 +13,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from visualad_hf import checkpointing, trainer
+from visualad_hf import trainer
 from visualad_hf.trainer import (
     build_optimizer,
     build_scheduler,
@@ -26,6 +27,7 @@ from visualad_hf.trainer import (
     parse_args,
     train,
 )
+from visualad_hf.trainer import checkpoints as checkpointing
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs"
@@ -354,7 +356,7 @@ def test_nan_batch_is_skipped_counted_and_logged(synthetic_dir, tmp_path, monkey
         model_ref.append(original_build(model_args))
         return model_ref[0]
 
-    monkeypatch.setattr(trainer, "build_model", build_and_keep)
+    monkeypatch.setattr(trainer.builders, "build_model", build_and_keep)  # where the loop looks it up
     with caplog.at_level("WARNING", logger="visualad_hf.trainer"):
         result = run_tiny(synthetic_dir, tmp_path / "nan", "--max_steps", "3", "--save_steps", "0",
                           "--eval_strategy", "no", callbacks=[snapshot])  # fmt: skip
@@ -392,3 +394,352 @@ def test_two_cpu_processes_train_and_save(synthetic_dir, tmp_path):
 
     model = VisualADModel.from_pretrained(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output folders, checked resuming, damaged checkpoints, full disks (issue 11), the synthetic data hint
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_dir, tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoint-2 (every test copies it before changing anything)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run_tiny(synthetic_dir, out, *RESUMABLE)
+    return out
+
+
+RESUMABLE = ("--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no")
+
+
+def _copy_run(finished_run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(finished_run, tmp_path / "run", symlinks=True))
+
+
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_checkpoints_store_config_arguments_and_checksums(finished_run):
+    checkpoint = finished_run / "checkpoint-2"
+    assert json.loads((checkpoint / "config.json").read_text())["gaussian_sigma"] == 1.0
+    assert yaml.safe_load((checkpoint / "training_args.yaml").read_text())["learning_rate"] == 1e-2
+    sums = json.loads((checkpoint / "checksums.json").read_text())["files"]
+    assert {"model.safetensors", "optimizer.bin", "config.json", "training_args.yaml"} <= set(sums)
+    assert checkpointing.verify_checkpoint(checkpoint)["global_step"] == 2
+    # The hidden bookkeeping of the final folder is never uploaded.
+    from fnmatch import fnmatch
+
+    from visualad_hf.hub import HUB_IGNORE_PATTERNS
+
+    hidden = [p.name for p in finished_run.iterdir() if p.name.startswith(".")]
+    assert hidden == [".visualad-contents.json"]
+    assert any(fnmatch(hidden[0], pattern) for pattern in HUB_IGNORE_PATTERNS)
+
+
+def test_resume_with_another_config_or_recipe_is_refused_naming_each_difference(finished_run, synthetic_dir, tmp_path):
+    out = _copy_run(finished_run, tmp_path)
+    argv = tiny_argv(synthetic_dir, out, *RESUMABLE, "--resume_from_checkpoint", "latest",
+                     "--learning_rate", "5e-3", "--config_overrides",
+                     json.dumps({"gaussian_sigma": 2.0, "max_patches": 64, "topk_ratio": 0.05}))  # fmt: skip
+    with pytest.raises(checkpointing.CheckpointError, match="Cannot resume exactly") as caught:
+        train(*parse_args(argv))
+    message = str(caught.value)
+    assert "\n" not in message
+    for difference in ("gaussian_sigma is 1.0 in the checkpoint, 2.0 in this run", "topk_ratio is 0.01",
+                       "learning_rate is 0.01 in the checkpoint, 0.005 in this run"):  # fmt: skip
+        assert difference in message
+    assert "token_learning_rate" not in message  # unchanged settings are not listed
+
+
+def test_config_mismatches_see_changed_feature_layers_of_the_same_length():
+    saved = {"feature_layers": [1, 2], "image_size": 32, "vision_config": {"hidden_size": 32}, "_name_or_path": "a"}
+    current = {"feature_layers": [3, 4], "image_size": 32, "vision_config": {"hidden_size": 32}, "_name_or_path": "b"}
+    assert checkpointing.config_mismatches(saved, current) == [
+        "feature_layers is [1, 2] in the checkpoint, [3, 4] in this run"
+    ]
+    assert checkpointing.recipe_mismatches({"seed": 1, "max_steps": 4, "num_train_epochs": 1},
+                                           {"seed": 1, "max_steps": 4, "num_train_epochs": 9}) == []  # fmt: skip
+
+
+def test_damaged_newest_checkpoint_falls_back_or_is_named(finished_run, synthetic_dir, tmp_path, caplog):
+    out = _copy_run(finished_run, tmp_path)
+    (out / "checkpoint-2").rename(out / "checkpoint-1")  # keep an older one to fall back to
+    checkpoint_1 = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    import shutil
+
+    shutil.copytree(out / "checkpoint-1", out / "checkpoint-2")
+    damaged = out / "checkpoint-2" / "optimizer.bin"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # truncated
+    with pytest.raises(checkpointing.CheckpointError, match=r"optimizer\.bin is damaged: 100 bytes"):
+        checkpointing.choose_checkpoint(out, str(out / "checkpoint-2"))
+    with caplog.at_level("WARNING", logger="visualad_hf.trainer"):
+        chosen = checkpointing.choose_checkpoint(out, "latest")
+    assert chosen == out / "checkpoint-1" and checkpoint_1["global_step"] == 2
+    assert any("optimizer.bin is damaged" in r.message and "checkpoint-1 instead" in r.message for r in caplog.records)
+    (out / "checkpoint-1" / "trainer_state.json").write_text("{not json")
+    with pytest.raises(checkpointing.CheckpointError, match="No usable checkpoint"):
+        checkpointing.choose_checkpoint(out, "latest")
+
+    # Through the command line: one line naming the file, exit status 2.
+    code = trainer.main(tiny_argv(synthetic_dir, out, *RESUMABLE, "--resume_from_checkpoint", str(out / "checkpoint-2")))
+    assert code == 2
+
+
+def test_resume_latest_skips_a_damaged_checkpoint_and_finishes(finished_run, synthetic_dir, tmp_path):
+    out = _copy_run(finished_run, tmp_path)
+    reference = _weights(out)
+    import shutil
+
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
+    state_file = out / "checkpoint-3" / "random_states_0.pkl"
+    state_file.write_bytes(b"\0" * state_file.stat().st_size)  # same size, other bytes
+    result = run_tiny(synthetic_dir, out, *RESUMABLE, "--resume_from_checkpoint", "latest")
+    assert result.global_step == 4
+    actual = _weights(out)
+    assert all(torch.equal(reference[name], actual[name]) for name in reference)  # resumed exactly from checkpoint-2
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """The message lines of stderr (progress bars of the libraries left out); a traceback would show here."""
+    assert "Traceback" not in stderr
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def _enospc(path) -> OSError:
+    import errno
+
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def test_full_disk_during_a_checkpoint_ends_in_one_line_and_keeps_the_last_one(synthetic_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "full"
+    save = torch.save
+
+    def filling_save(obj, f, *args, **kwargs):
+        if "checkpoint-4" in str(f):
+            Path(f).write_bytes(b"partial")
+            raise _enospc(f)
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", filling_save)
+    argv = tiny_argv(synthetic_dir, out, "--max_steps", "6", "--save_steps", "2", "--eval_strategy", "no")
+    assert trainer.main(argv) == 1
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "disk is full" in err[0] and "checkpoint-2 is intact" in err[0], err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    checkpointing.verify_checkpoint(out / "checkpoint-2")
+
+    monkeypatch.setattr(torch, "save", save)
+    assert trainer.main([*argv, "--resume_from_checkpoint", "latest"]) == 0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+
+
+def test_full_disk_during_the_final_save_changes_nothing(finished_run, synthetic_dir, tmp_path, monkeypatch, capsys):
+    from visualad_hf import VisualADImageProcessor
+
+    out = _copy_run(finished_run, tmp_path)
+    before = _tree_bytes(out)
+
+    def filling_save(self, directory, *args, **kwargs):
+        (Path(directory) / "preprocessor_config.json").write_text("{")
+        raise _enospc(Path(directory) / "preprocessor_config.json")
+
+    monkeypatch.setattr(VisualADImageProcessor, "save_pretrained", filling_save)
+    argv = tiny_argv(synthetic_dir, out, *RESUMABLE, "--overwrite_output_dir", "true", "--seed", "5")
+    assert trainer.main(argv) == 1
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "disk is full" in err[0] and "nothing there was changed" in err[0], err
+    after = _tree_bytes(out)
+    model_files = [name for name in before if not name.startswith(("checkpoint-", "logs/"))]
+    assert model_files and all(after[name] == before[name] for name in model_files)  # the old model, untouched
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_output_folder_that_is_not_ours_or_holds_a_model_is_refused(finished_run, synthetic_dir, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert trainer.main(tiny_argv(synthetic_dir, foreign, *RESUMABLE)) == 2
+    err = capsys.readouterr().err
+    assert "holds files the trainer did not write (notes.txt)" in err and "--overwrite_output_dir" in err
+
+    model_only = _copy_run(finished_run, tmp_path)
+    for path in model_only.glob("checkpoint-*"):
+        checkpointing.delete_checkpoint(path)
+    with pytest.raises(trainer.OutputDirError, match="already holds a trained model"):
+        run_tiny(synthetic_dir, model_only, *RESUMABLE)
+    with pytest.raises(trainer.OutputDirError, match="already holds a trained model"):  # no checkpoint to resume
+        run_tiny(synthetic_dir, model_only, *RESUMABLE, "--resume_from_checkpoint", "latest")
+    (model_only / "logs").mkdir(exist_ok=True)  # the run's own entries never make a folder foreign
+    result = run_tiny(synthetic_dir, model_only, *RESUMABLE, "--overwrite_output_dir", "true", "--save_steps", "0")
+    assert result.global_step == 4 and (model_only / "model.safetensors").is_file()
+
+
+def _dying_replace(kill_at: int):
+    """`os.replace` that ends the process at its `kill_at`-th call the way a kill does: no cleanup code runs."""
+    calls, replace = {"n": 0}, os.replace
+
+    def dying_replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            os._exit(9)
+        replace(src, dst)
+
+    return dying_replace
+
+
+def test_interrupted_final_swap_is_undone_at_every_point(tmp_path):
+    """Kill (os._exit in a forked child) at every rename of the final-model swap: afterwards, recovery leaves
+    exactly the old model or exactly the new one beside the untouched checkpoints."""
+    from visualad_hf import hub
+
+    def write(folder: Path, tag: str):
+        (folder / "model.safetensors").write_text(f"weights {tag}")
+        (folder / "README.md").write_text(f"card {tag}")
+        (folder / "eval_results").mkdir()
+        (folder / "eval_results" / "metrics.json").write_text(tag)
+
+    def snapshot(folder: Path) -> dict[str, bytes]:
+        return {k: v for k, v in _tree_bytes(folder).items() if not k.startswith(".visualad-")}
+
+    def fresh(root: Path) -> Path:
+        root.mkdir()
+        (root / "checkpoint-2").mkdir()
+        (root / "checkpoint-2" / "optimizer.bin").write_text("state")
+        with hub.staged_contents(root) as staging:
+            write(staging, "old")
+        return root
+
+    old = snapshot(fresh(tmp_path / "reference-old"))
+    reference_new = fresh(tmp_path / "reference-new")
+    with hub.staged_contents(reference_new) as staging:
+        write(staging, "new")
+        (staging / "extra.json").write_text("new only")
+    new = snapshot(reference_new)
+    outcomes = set()
+    for kill_at in range(1, 30):
+        folder = fresh(tmp_path / f"kill-{kill_at}")
+        pid = os.fork()
+        if pid == 0:  # the child: swap in the new model, dying at the kill_at-th rename
+            os.replace = _dying_replace(kill_at)
+            with hub.staged_contents(folder) as staging:
+                write(staging, "new")
+                (staging / "extra.json").write_text("new only")
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        hub.recover_interrupted_contents_swap(folder)
+        state = snapshot(folder)
+        assert state in (old, new), (kill_at, sorted(state))
+        outcomes.add("old" if state == old else "new")
+        if os.WEXITSTATUS(status) == 0:
+            break
+    assert outcomes == {"old", "new"}
+
+
+def test_checkpoint_left_aside_by_an_interrupted_replacement_is_restored(tmp_path):
+    (tmp_path / "checkpoint-4.old").mkdir()  # the kill came between the two renames of a replacement
+    (tmp_path / "checkpoint-4.old" / "trainer_state.json").write_text('{"global_step": 4}')
+    (tmp_path / "checkpoint-6").mkdir()
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6}')
+    (tmp_path / "checkpoint-6.old").mkdir()  # the replacement finished: the aside copy is garbage
+    assert [p.name for p in checkpointing.remove_stale_folders(tmp_path)] == ["checkpoint-6.old"]
+    assert [s for s, _ in checkpointing.list_checkpoints(tmp_path)] == [4, 6]
+
+
+def test_missing_synthetic_data_says_how_to_write_it(tmp_path, capsys):
+    missing = tmp_path / "data" / "synthetic"
+    argv = ["--config", str(CONFIGS / "synthetic_tiny.yaml"), "--train_data_dir", str(missing),
+            "--eval_data_dir", str(missing), "--output_dir", str(tmp_path / "out"), "--report_to", "none"]  # fmt: skip
+    assert trainer.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"visualad synthetic --output {missing}" in err and "Download" not in err
+
+
+def test_anomalous_image_without_mask_is_left_out_of_the_segmentation_loss(tiny_config):
+    from PIL import Image
+
+    from visualad_hf import VisualADImageProcessor, VisualADModel
+    from visualad_hf.data.collator import VisualADCollator
+
+    torch.manual_seed(0)
+    model = VisualADModel(tiny_config).eval()
+    size = tiny_config.image_size
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(3)]
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[: size // 2] = 255
+    rows = [{"image": images[0], "mask": Image.fromarray(mask), "label": 1},
+            {"image": images[1], "mask": None, "label": 0},       # normal: the all-zero mask is known
+            {"image": images[2], "mask": None, "label": 1}]       # anomalous, no mask: unknown  # fmt: skip
+    batch = VisualADCollator(VisualADImageProcessor.from_model_config(tiny_config))(rows)
+    assert batch["has_mask"].tolist() == [True, True, False]
+    inputs = {k: batch[k] for k in ("pixel_values", "labels", "masks", "has_mask")}
+    with torch.no_grad():
+        flagged = model(**inputs)
+        known_only = model(pixel_values=batch["pixel_values"][:2], labels=batch["labels"][:2], masks=batch["masks"][:2])
+        unflagged = model(**{k: v for k, v in inputs.items() if k != "has_mask"})
+        none_known = model(**{**inputs, "has_mask": torch.zeros(3, dtype=torch.bool)})
+    assert torch.allclose(flagged.loss_seg, known_only.loss_seg, atol=1e-6)
+    assert not torch.allclose(flagged.loss_seg, unflagged.loss_seg)  # the old behaviour counted it as all-normal
+    assert float(none_known.loss_seg) == 0.0 and torch.isfinite(none_known.loss)
+
+
+def test_collator_hook_is_told_each_epoch(synthetic_dir, tmp_path, monkeypatch):
+    """`loop.build_collator` is where data options wrap the collator; one with `set_epoch` hears every epoch."""
+    from visualad_hf.trainer import loop
+
+    epochs = []
+
+    class EpochAware:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, rows):
+            return self.inner(rows)
+
+        def set_epoch(self, epoch):
+            epochs.append(epoch)
+
+    build = loop.build_collator
+    monkeypatch.setattr(loop, "build_collator", lambda *a: EpochAware(build(*a)))
+    result = run_tiny(synthetic_dir, tmp_path / "epochs", "--max_steps", "5", "--save_steps", "0", "--eval_strategy", "no")
+    assert result.global_step == 5 and epochs == [0, 1]
+
+
+def test_old_checkpointing_import_path_is_the_new_module():
+    """`visualad_hf.checkpointing` (deprecated for one release) is `visualad_hf.trainer.checkpoints` itself, so code
+    that patches its functions (as the kill test's subprocess does) still reaches the trainer."""
+    import importlib
+
+    sys.modules.pop("visualad_hf.checkpointing", None)
+    with pytest.warns(DeprecationWarning, match=r"import visualad_hf\.trainer\.checkpoints instead"):
+        old = importlib.import_module("visualad_hf.checkpointing")
+    assert old is checkpointing
+
+
+def test_training_from_a_converted_folder_starts_from_its_final_layernorm(synthetic_dir, tmp_path, caplog):
+    """`--model_name_or_path` loads every weight of the folder, the final LayerNorm included; the trained folder no
+    longer claims to hold the converted LayerNorm."""
+    from visualad_hf import VisualADConfig, VisualADModel
+
+    converted = tmp_path / "converted"
+    torch.manual_seed(0)
+    config = VisualADConfig(vision_config=TINY_VISION, feature_layers=[1, 2], image_size=32, gaussian_sigma=1.0,
+                            max_patches=64, final_layernorm_source="backbone")  # fmt: skip
+    start = VisualADModel(config)
+    with torch.no_grad():
+        start.final_layernorm.weight.uniform_(0.5, 1.5)  # not what a fresh model would hold
+    start.save_pretrained(converted)
+    argv = tiny_argv(synthetic_dir, tmp_path / "out", "--max_steps", "1", "--save_steps", "0", "--eval_strategy", "no")
+    index = argv.index("--vision_config")
+    argv[index : index + 2] = ["--model_name_or_path", str(converted)]
+    model_args = parse_args(argv)[0]
+    built = trainer.build_model(model_args)
+    assert torch.equal(built.final_layernorm.weight, start.final_layernorm.weight)
+    with caplog.at_level("INFO", logger="visualad_hf.trainer"):
+        train(*parse_args(argv))
+    assert any("--final-layernorm backbone: training starts from the backbone's own" in r.message for r in caplog.records)
+    trained = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert trained["final_layernorm_source"] is None

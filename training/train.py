@@ -1,6 +1,6 @@
 """Train VisualAD: `accelerate launch training/train.py --config training/configs/clip_visa.yaml [--name value ...]`.
 
-Also runs as plain `python training/train.py ...`. Arguments and recipe: `visualad_hf/trainer.py` (or `--help`).
+Also runs as plain `python training/train.py ...`. Arguments and recipe: `visualad_hf/trainer/` (or `--help`).
 """
 
 import sys

@@ -8,9 +8,10 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .backbones import TABLE_INTERPOLATIONS, BackboneAdapter, backbone_adapter
+
 SAF_TYPES = ("mlp", "linear", "mlp_residual", "adapter", "leakyrelu")
-POSITION_INTERPOLATION_MODES = ("bilinear", "bicubic", "backbone")
-SUPPORTED_BACKBONES = ("clip_vision_model", "dinov2", "dinov2_with_registers")
+POSITION_INTERPOLATION_MODES = TABLE_INTERPOLATIONS
 
 # CLIP ViT-L/14@336px, the backbone of the released checkpoint (SPEC §1).
 CLIP_VIT_L14_336 = {
@@ -34,8 +35,9 @@ class VisualADConfig(PreTrainedConfig):
 
     Args:
         vision_config (`dict` or `PreTrainedConfig`, *optional*):
-            Configuration of the frozen backbone: a `CLIPVisionConfig`, `Dinov2Config` or
-            `Dinov2WithRegistersConfig` (or its dict with a `model_type`). Defaults to CLIP ViT-L/14@336px.
+            Configuration of the frozen backbone (or its dict with a `model_type`), of a family listed in
+            `visualad_hf.backbones.ADAPTERS`: CLIP, DINOv2 (with or without registers), DINOv3, SigLIP/SigLIP2,
+            SigLIP2 NaFlex, RADIO. Defaults to CLIP ViT-L/14@336px.
         feature_layers (`list[int]`, *optional*, defaults to `(6, 12, 18, 24)`):
             1-indexed backbone layers whose outputs produce an anomaly map each.
         num_anchors (`int`, *optional*, defaults to 4):
@@ -57,12 +59,16 @@ class VisualADConfig(PreTrainedConfig):
             Fraction of the map's pixels whose mean is the image score (SPEC §4).
         gaussian_sigma (`float`, *optional*, defaults to 4.0):
             Standard deviation, in pixels at model resolution, of the smoothing applied at inference.
-        image_size (`int`, *optional*, defaults to 518):
-            Square input size in pixels; must be a multiple of the backbone's patch size.
+        image_size (`int`, *optional*):
+            Square input size in pixels; must be a multiple of the backbone's patch size. Defaults to 518 for patch 14
+            (SPEC §1) and, for other patch sizes, the largest multiple of the patch not above 518 (512 for patch 16).
         position_interpolation (`str`, *optional*):
             How the backbone's patch position table is resized to the input grid: `"bilinear"` (the released CLIP
-            checkpoint), `"bicubic"`, or `"backbone"` (the backbone's own `interpolate_pos_encoding`). Defaults to
-            `"bilinear"` for CLIP and `"backbone"` for DINOv2.
+            checkpoint), `"bicubic"`, or `"backbone"` (the backbone's own code). Defaults to `"bilinear"` for CLIP and
+            `"backbone"` otherwise; families without a resizable table (RoPE, RADIO's CPE) accept only `"backbone"`.
+        image_mean, image_std (`list[float]`, *optional*):
+            Input normalisation, read from the backbone's preprocessor_config.json by `from_backbone`; `None` means
+            the family's published constants. The image processor built by `from_model_config` uses them.
         train_token_position_embeddings (`bool`, *optional*, defaults to `False`):
             Learn separate position embeddings for the two tokens. Off in the released code, where they stay equal
             to the CLS position embedding (SPEC §1).
@@ -74,6 +80,11 @@ class VisualADConfig(PreTrainedConfig):
             Decision threshold on the image score, set by calibration; travels with `save_pretrained`.
         threshold_calibration (`dict`, *optional*):
             How `anomaly_threshold` was obtained (method, parameters, number of images).
+        final_layernorm_source (`str`, *optional*):
+            Set by `visualad convert`: which final LayerNorm the converted weights hold. `"backbone"`: the
+            backbone's own (CLIP `ln_post`), as the authors' released evaluation `test.py` used it for the paper's
+            table; `"checkpoint"`: the one trained with the heads (`ln_post_weight`/`ln_post_bias` of the released
+            checkpoint), as their `train.py` used it. `None` for models not converted from the release.
     """
 
     model_type = "visualad"
@@ -94,51 +105,67 @@ class VisualADConfig(PreTrainedConfig):
     saf_dropout: float = 0.1
     topk_ratio: float = 0.01
     gaussian_sigma: float = 4.0
-    image_size: int = 518
+    image_size: int | None = None
     position_interpolation: str | None = None
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
     train_token_position_embeddings: bool = False
     token_init_std: float | None = None
     initializer_range: float = 0.02
     anomaly_threshold: float | None = None
     threshold_calibration: dict | None = None
+    final_layernorm_source: Literal["backbone", "checkpoint"] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.feature_layers = [int(layer) for layer in self.feature_layers]
+        adapter = self.backbone_adapter  # fails here, with the supported families, for any other backbone
+        if self.image_size is None:
+            self.image_size = adapter.default_image_size()
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, [float(v) for v in value])
         self._validate_visualad()
 
     @property
+    def backbone_adapter(self) -> BackboneAdapter:
+        """How VisualAD reaches into this backbone family (`visualad_hf.backbones`)."""
+        return backbone_adapter(self.vision_config)
+
+    @property
     def hidden_size(self) -> int:
-        return self.vision_config.hidden_size
+        return self.backbone_adapter.hidden_size
 
     @property
     def patch_size(self) -> int:
-        return self.vision_config.patch_size
+        return self.backbone_adapter.patch_size
 
     @property
     def grid_size(self) -> int:
         """Patches per side of the (square) input."""
-        return self.image_size // self.vision_config.patch_size
+        return self.image_size // self.patch_size
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Backbone tokens before the patches: CLS plus any registers."""
-        return 1 + int(getattr(self.vision_config, "num_register_tokens", 0) or 0)
+        """Backbone tokens before the patches (CLS, registers; none for SigLIP)."""
+        return self.backbone_adapter.num_prefix_tokens
 
     @property
     def resolved_position_interpolation(self) -> str:
         if self.position_interpolation is not None:
             return self.position_interpolation
-        return "bilinear" if self.vision_config.model_type == "clip_vision_model" else "backbone"
+        return self.backbone_adapter.default_position_interpolation
+
+    @property
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """Input mean/std: the stored ones, else the family's published constants."""
+        mean, std = self.backbone_adapter.normalization()
+        return (self.image_mean or mean), (self.image_std or std)
 
     def _validate_visualad(self) -> None:
-        backbone = self.vision_config.model_type
-        if backbone not in SUPPORTED_BACKBONES:
-            raise ValueError(
-                f"vision_config.model_type={backbone!r} is not supported; use one of {SUPPORTED_BACKBONES} "
-                "(CLIPVisionConfig, Dinov2Config or Dinov2WithRegistersConfig)."
-            )
-        depth = self.vision_config.num_hidden_layers
+        adapter = self.backbone_adapter
+        depth = adapter.num_layers
         if not self.feature_layers:
             raise ValueError("feature_layers is empty: give at least one 1-indexed backbone layer, e.g. [6, 12, 18, 24].")
         bad = [layer for layer in self.feature_layers if not 1 <= layer <= depth]
@@ -156,7 +183,17 @@ class VisualADConfig(PreTrainedConfig):
             raise ValueError(
                 f"position_interpolation={mode!r} is unknown; choose one of {POSITION_INTERPOLATION_MODES} or None."
             )
-        patch = self.vision_config.patch_size
+        if mode is not None and mode not in adapter.position_interpolations:
+            raise ValueError(
+                f"position_interpolation={mode!r} does not apply to {adapter.card.family} backbones, whose positions "
+                f"only their own code computes; use one of {adapter.position_interpolations} or None."
+            )
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            positive = name == "image_std"
+            if value is not None and (len(value) != 3 or (positive and min(value) <= 0)):
+                raise ValueError(f"{name}={value} must hold 3 values (R, G, B){', all > 0' if positive else ''}.")
+        patch = self.patch_size
         if self.image_size <= 0 or self.image_size % patch:
             raise ValueError(
                 f"image_size={self.image_size} is not a positive multiple of the backbone's patch size {patch}; "

@@ -8,12 +8,13 @@ any moment leaves either the old folder or the new one, never a mix (e.g. a new 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,33 @@ logger = logging.getLogger(__name__)
 STAGING_SUFFIX = ".tmp"
 ASIDE_SUFFIX = ".old"
 # Never uploaded: training checkpoints and logs, and the staging leftovers of this module.
-HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp/**", "*.old/**", ".*.lock"]
+HUB_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "checkpoint-*/**",
+    "logs/**",
+    "*.tmp/**",
+    "*.old/**",
+    ".*.lock",
+    ".visualad-*",
+]
+# `staged_contents` bookkeeping inside the folder it writes into (hidden, never uploaded).
+CONTENTS_MANIFEST = ".visualad-contents.json"  # the names the last swap installed
+CONTENTS_JOURNAL = ".visualad-swap.json"  # present only while a swap is under way
+CONTENTS_STAGING = ".visualad-staging.tmp"
+CONTENTS_ASIDE = ".visualad-previous.old"
 
 
 class HubUploadError(VisualADError, RuntimeError):
     """An upload that did not happen; the local folder is complete and the message says how to upload it later."""
+
+
+class DiskFullError(VisualADError, OSError):
+    """A save that ran out of disk space; the message says what was kept intact and how to continue."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` is the operating system's "no space left" (or "quota exceeded")."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -118,6 +141,102 @@ def staged_folder(target: str | os.PathLike, *, keep_on_error: bool = False) -> 
         raise
 
 
+def installed_contents(folder: str | os.PathLike) -> list[str]:
+    """The entries the last `staged_contents` swap installed in `folder` (empty when there was none)."""
+    try:
+        data = json.loads((Path(folder) / CONTENTS_MANIFEST).read_text())
+        return [str(name) for name in data["entries"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+@contextlib.contextmanager
+def staged_contents(folder: str | os.PathLike, *, replaces: Iterable[str] = ()) -> Iterator[Path]:
+    """`staged_folder` for a folder whose other entries must stay: a training output folder holds the final model
+    beside `checkpoint-*/` and `logs/`, which a whole-folder swap would have to move (and a kill could strand).
+
+    Yields an empty staging folder inside `folder`. When the block ends without error, its entries replace the
+    entries of the same names in `folder`, together with the entries the previous swap installed (listed in
+    `.visualad-contents.json`) and those named in `replaces` (for folders written before that list existed), as one
+    recoverable transaction:
+
+    1. the staged files are flushed to disk and the list of names is added to them;
+    2. a journal (`.visualad-swap.json`: the new and the old names) is written atomically: from here on a kill is
+       undone by `recover_interrupted_contents_swap`;
+    3. the old entries are renamed into `.visualad-previous.old/`, then the new ones renamed in (renames within one
+       folder: no copying, no disk space needed);
+    4. the journal is removed (the swap is done) and so are the old entries.
+
+    A kill at any moment therefore leaves the old set or the new set, never a mix (such as a new README beside old
+    weights): with a journal, the next `staged_contents` or `recover_interrupted_contents_swap` puts the old set
+    back; without one, leftovers are the finished swap's and are removed. An error in the block (a full disk)
+    changes nothing in `folder`.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_contents_swap(folder)
+    staging = folder / CONTENTS_STAGING
+    staging.mkdir()
+    try:
+        yield staging
+        names = sorted({path.name for path in staging.iterdir()} | {CONTENTS_MANIFEST})
+        write_json(staging / CONTENTS_MANIFEST, {"entries": names})
+        fsync_tree(staging)
+        _swap_contents(folder, staging, names, {*replaces, *installed_contents(folder)})
+    except BaseException:
+        recover_interrupted_contents_swap(folder)  # undoes a swap that had started; removes the staging folder
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_contents(folder: Path, staging: Path, names: list[str], replaces: set[str]) -> None:
+    old = sorted(name for name in {*names, *replaces} if os.path.lexists(folder / name))
+    aside = folder / CONTENTS_ASIDE
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    write_json(folder / CONTENTS_JOURNAL, {"new": names, "old": old})
+    fsync_dir(folder)
+    for name in old:
+        os.replace(folder / name, aside / name)
+    for name in names:
+        os.replace(staging / name, folder / name)
+    fsync_dir(folder)
+    os.unlink(folder / CONTENTS_JOURNAL)  # the swap is done
+    fsync_dir(folder)
+    shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def recover_interrupted_contents_swap(folder: str | os.PathLike) -> str | None:
+    """Undo a `staged_contents` swap that a kill interrupted (its journal is still there): the entries already moved
+    in go back to the staging folder, the old ones back in place. Without a journal, remove what a finished swap or
+    an interrupted staging left behind. Returns what was done (for a log line), or None. Safe to run again if killed.
+    """
+    folder = Path(folder)
+    journal, staging, aside = folder / CONTENTS_JOURNAL, folder / CONTENTS_STAGING, folder / CONTENTS_ASIDE
+    for path in folder.glob(f".{CONTENTS_JOURNAL}.*{STAGING_SUFFIX}"):  # `write_json` of a journal, cut short
+        path.unlink(missing_ok=True)
+    if not journal.exists():
+        leftovers = [path for path in (staging, aside) if path.exists()]
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        return f"removed {', '.join(p.name for p in leftovers)} left by an interrupted save" if leftovers else None
+    record = json.loads(journal.read_text())  # written atomically: complete or absent
+    staging.mkdir(exist_ok=True)
+    for name in record["new"]:  # every old entry was moved aside before the first new one was moved in
+        if not os.path.lexists(staging / name) and os.path.lexists(folder / name):
+            os.replace(folder / name, staging / name)
+    if aside.is_dir():
+        for path in aside.iterdir():
+            os.replace(path, folder / path.name)
+    fsync_dir(folder)
+    os.unlink(journal)
+    fsync_dir(folder)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
+    return f"restored the previous contents of {folder}: a save was interrupted"
+
+
 def remove_stale_staging(parent: str | os.PathLike) -> list[Path]:
     """Remove the temporary folders `staged_folder` leaves when killed (`.NAME.XXXXXXXX.tmp`) in `parent`."""
     removed = []
@@ -205,14 +324,19 @@ def quiet_transformers_logging() -> Iterator[None]:
 
 __all__ = [
     "HUB_IGNORE_PATTERNS",
+    "DiskFullError",
     "HubUploadError",
     "fsync_dir",
     "fsync_tree",
+    "installed_contents",
+    "is_disk_full",
     "push_folder",
     "quiet_transformers_logging",
+    "recover_interrupted_contents_swap",
     "recover_interrupted_swap",
     "remove_stale_staging",
     "replace_path",
+    "staged_contents",
     "staged_folder",
     "write_json",
 ]

@@ -18,8 +18,6 @@ from PIL import Image
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     PILImageResampling,
@@ -63,9 +61,9 @@ class VisualADImageProcessor(PilBackend):
     Prepares images (and optional ground-truth masks) for [`VisualADModel`], and turns its outputs into image scores
     and anomaly maps.
 
-    Preprocessing (SPEC §1): resize to `size` with PIL bicubic in the image's own mode, convert to RGB, divide by 255,
-    normalise with `image_mean`/`image_std` (CLIP's by default; DINOv2 models use ImageNet's, see
-    [`~VisualADImageProcessor.from_model_config`]). Inputs: paths, URLs, PIL images, numpy arrays, torch tensors, or a
+    Preprocessing (SPEC §1): resize to `size` with PIL bicubic (`resample`) in the image's own mode, convert to RGB,
+    divide by 255, normalise with `image_mean`/`image_std` (CLIP's by default; a processor made by
+    [`~VisualADImageProcessor.from_model_config`] takes the backbone family's normalisation and resampling). Inputs: paths, URLs, PIL images, numpy arrays, torch tensors, or a
     list of them; see the module docstring for image modes, bit depth and EXIF orientation.
 
     Masks (SPEC §5): binarised by `visualad_hf.image_io.binarize_mask` (the authors' `> 0` for lossless files,
@@ -81,6 +79,7 @@ class VisualADImageProcessor(PilBackend):
     Args:
         size (`dict[str, int]` or `int`, *optional*, defaults to 518): model input size.
         image_mean, image_std (*optional*): normalisation, CLIP's by default.
+        resample (*optional*, defaults to bicubic): PIL filter of the resize.
         gaussian_sigma (`float`, *optional*, defaults to 4.0), topk_ratio (`float`, *optional*, defaults to 0.01):
             post-processing settings.
         bit_depth_scaling (`str`, *optional*, defaults to `"range"`): `"range"` or `"full"`.
@@ -120,12 +119,14 @@ class VisualADImageProcessor(PilBackend):
     @classmethod
     def from_model_config(cls, config, **kwargs) -> VisualADImageProcessor:
         """The processor matching a `VisualADConfig`: its input size, smoothing and top-k ratio, and the backbone's
-        normalisation (CLIP mean/std for `clip_vision_model`, ImageNet mean/std for DINOv2). `kwargs` override."""
-        clip = config.vision_config.model_type == "clip_vision_model"
+        normalisation and resampling (`config.normalization`: the stored mean/std, else the family's published
+        constants; the family's resampling filter, `visualad_hf.backbones`). `kwargs` override."""
+        image_mean, image_std = config.normalization
         defaults = dict(
             size={"height": config.image_size, "width": config.image_size},
-            image_mean=list(OPENAI_CLIP_MEAN if clip else IMAGENET_DEFAULT_MEAN),
-            image_std=list(OPENAI_CLIP_STD if clip else IMAGENET_DEFAULT_STD),
+            image_mean=list(image_mean),
+            image_std=list(image_std),
+            resample=int(config.backbone_adapter.resample),
             gaussian_sigma=float(config.gaussian_sigma),
             topk_ratio=float(config.topk_ratio),
         )

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers.image_utils import PILImageResampling
 
+from .backbones import BackboneCard, family_cards
 from .configuration_visualad import VisualADConfig
-from .metrics import IMAGE_METRICS, METRIC_HEADERS, METRIC_NAMES, AnomalyMetricsResult
+from .metrics import METRIC_HEADERS, METRIC_NAMES, AnomalyMetricsResult
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "resources" / "model_card_template.md"
 
@@ -39,55 +40,11 @@ _METRIC_NAMES_LONG = {
 }
 
 
-def _paper_row(image: tuple[float, float, float], pixel: tuple[float, float, float, float] | None = None) -> dict:
-    row = dict(zip(IMAGE_METRICS, image))
-    if pixel is not None:
-        row.update(zip(("pixel_auroc", "pixel_f1_max", "pixel_ap", "pixel_aupro"), pixel))
-    return row
+#: What a card says about a backbone family (name, Hub weights, licence, the paper's results with it): each adapter's
+#: `card` in `visualad_hf.backbones`.
+BackboneFacts = BackboneCard
 
-
-@dataclass(frozen=True)
-class BackboneFacts:
-    """What a card says about a backbone family: its name, Hub weights, licence and the paper's results with it."""
-
-    name: str
-    hub_id: str
-    license: str
-    tag: str
-    # Dataset -> metric -> value in percent, as printed in the paper (CVPR 2026; mirrored in the authors' README).
-    paper_results: dict[str, dict[str, float]]
-
-
-BACKBONES: dict[str, BackboneFacts] = {
-    "clip": BackboneFacts(
-        name="CLIP ViT-L/14@336px",
-        hub_id="openai/clip-vit-large-patch14-336",
-        license="mit",
-        tag="clip",
-        paper_results={
-            "MVTec-AD": _paper_row((92.2, 93.2, 96.7), (90.8, 43.9, 41.2, 87.5)),
-            "VisA": _paper_row((84.7, 82.5, 87.6), (95.8, 34.6, 28.4, 91.0)),
-            "BTAD": _paper_row((94.9, 93.9, 97.0), (91.1, 49.8, 43.1, 80.4)),
-            "KSDD2": _paper_row((98.0, 93.9, 98.3)),
-            "DAGM": _paper_row((99.5, 95.0, 97.8)),
-            "DTD-Synthetic": _paper_row((97.5, 96.6, 99.1), (98.1, 64.3, 65.5, 94.8)),
-        },
-    ),
-    "dinov2": BackboneFacts(
-        name="DINOv2 ViT-L/14",
-        hub_id="facebook/dinov2-large",
-        license="apache-2.0",
-        tag="dinov2",
-        paper_results={
-            "MVTec-AD": _paper_row((90.1, 92.4, 94.8), (91.3, 47.4, 45.4, 88.6)),
-            "VisA": _paper_row((83.1, 81.4, 86.8), (95.3, 35.2, 29.9, 88.2)),
-            "BTAD": _paper_row((88.2, 84.7, 89.7), (93.4, 42.6, 38.7, 76.7)),
-            "KSDD2": _paper_row((97.7, 93.1, 98.1)),
-            "DAGM": _paper_row((93.2, 83.9, 86.1)),
-            "DTD-Synthetic": _paper_row((91.0, 94.4, 97.4), (96.7, 65.8, 67.7, 92.4)),
-        },
-    ),
-}
+BACKBONES: dict[str, BackboneFacts] = family_cards()
 
 # Zero-shot protocol (SPEC §6): a model trained on VisA is evaluated on every other dataset, one trained on
 # MVTec-AD on VisA. Keys are what `visualad convert --training-data` accepts.
@@ -101,18 +58,24 @@ EvalResults = Union[Mapping[str, AnomalyResults], Iterable[tuple[str, str, float
 
 
 def backbone_facts(config: VisualADConfig) -> BackboneFacts:
-    return BACKBONES["clip" if config.vision_config.model_type == "clip_vision_model" else "dinov2"]
+    return config.backbone_adapter.card
 
 
 def backbone_label(config: VisualADConfig) -> str:
-    """The paper's backbone name when the config has its shape, else the family with the actual size."""
-    vision, facts = config.vision_config, backbone_facts(config)
-    shape = (vision.hidden_size, vision.num_hidden_layers, vision.patch_size)
-    is_clip = vision.model_type == "clip_vision_model"
-    if shape == (1024, 24, 14) and (not is_clip or vision.image_size == 336):
+    """The reference model's name when the config has its shape, else the family with the actual size."""
+    adapter = config.backbone_adapter
+    facts = adapter.card
+    shape = (adapter.hidden_size, adapter.num_layers, adapter.patch_size)
+    native_size = getattr(config.vision_config, "image_size", None)
+    if shape == facts.reference_shape and facts.reference_image_size in (None, native_size):
         return facts.name
-    family = "CLIP ViT" if is_clip else "DINOv2 ViT"
-    return f"{family} (width {vision.hidden_size}, {vision.num_hidden_layers} layers, patch {vision.patch_size})"
+    return f"{facts.family} (width {shape[0]}, {shape[1]} layers, patch {shape[2]})"
+
+
+def _license_metadata(facts: BackboneFacts) -> dict[str, str]:
+    """The Hub's licence fields: a listed licence id, or `other` with its name and link."""
+    extra = {"license_name": facts.license_name, "license_link": facts.license_link}
+    return {"license": facts.license, **{key: value for key, value in extra.items() if value}}
 
 
 def normalize_eval_results(eval_results: EvalResults | None) -> dict[str, dict[str, float]]:
@@ -247,7 +210,7 @@ def create_model_card(
     card_data = ModelCardData(
         model_name=model_name,
         base_model=base_model,
-        license=facts.license,
+        **_license_metadata(facts),
         library_name="transformers",
         pipeline_tag="image-segmentation",
         tags=[*TAGS, facts.tag],
@@ -276,7 +239,7 @@ def create_model_card(
         results_table=_table(results, 100.0) if results else None,
         per_category=per_category,
         eval_split=eval_split,
-        paper_table=_table(paper_rows, 1.0),
+        paper_table=_table(paper_rows, 1.0) if paper_rows else None,
         paper_applies_to=applies_to,
         conversion=dict(conversion or {}),
         architecture={
@@ -290,6 +253,7 @@ def create_model_card(
             "saf_type": config.saf_type,
             "topk_ratio": config.topk_ratio,
             "gaussian_sigma": config.gaussian_sigma,
+            "resample": PILImageResampling(config.backbone_adapter.resample).name.lower(),
         },
         anomaly_threshold=config.anomaly_threshold,
         paper_title=PAPER_TITLE,

@@ -8,8 +8,11 @@ the last-layer tokens are refined per layer by a Spatial-Aware Cross-Attention (
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 from transformers.utils import logging as transformers_logging
 
+from .backbones import BackboneAdapter, backbone_adapter, layer_class_names, vision_config_of
 from .configuration_visualad import VisualADConfig
 from .scoring import topk_mean
 
@@ -67,8 +71,9 @@ class VisualADOutput(ModelOutput):
 class VisualADTokens(nn.Module):
     """The anomaly token `t_a` and the normal token `t_n`, placed in front of the backbone sequence.
 
-    Their position embedding is the backbone's CLS position embedding (the released code copies it and never trains
-    it); with `train_token_position_embeddings` each token gets its own learnable position instead.
+    Their position embedding is the one the backbone adapter gives: the CLS position embedding for CLIP and DINOv2
+    (the released code copies it and never trains it), see `visualad_hf.backbones` for the other families; with
+    `train_token_position_embeddings` each token gets its own learnable position instead.
     """
 
     def __init__(self, config: VisualADConfig):
@@ -80,9 +85,9 @@ class VisualADTokens(nn.Module):
             nn.Parameter(torch.zeros(2, hidden_size)) if config.train_token_position_embeddings else None
         )
 
-    def forward(self, batch_size: int, cls_position: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch_size: int, token_position: torch.Tensor) -> torch.Tensor:
         tokens = torch.stack([self.anomaly_token, self.normal_token])
-        positions = self.position_embeddings if self.position_embeddings is not None else cls_position
+        positions = self.position_embeddings if self.position_embeddings is not None else token_position
         tokens = tokens + positions.to(tokens.dtype)
         return tokens.unsqueeze(0).expand(batch_size, -1, -1)
 
@@ -242,7 +247,7 @@ class VisualADPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["CLIPEncoderLayer", "Dinov2Layer", "Dinov2WithRegistersLayer"]
+    _no_split_modules = layer_class_names()
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -267,7 +272,7 @@ class VisualADPreTrainedModel(PreTrainedModel):
             init.normal_(module.anomaly_token, std=std)
             init.normal_(module.normal_token, std=std)
             if module.position_embeddings is not None:
-                init.zeros_(module.position_embeddings)  # set to the CLS position by `from_backbone`
+                init.zeros_(module.position_embeddings)  # set to the adapter's token position by `from_backbone`
         elif isinstance(module, VisualADSpatialCrossAttention):
             init.normal_(module.anchors, std=config.initializer_range)
             init.normal_(module.position_embeddings, std=config.initializer_range)
@@ -318,6 +323,13 @@ class VisualADModel(VisualADPreTrainedModel):
         from transformers import AutoModel
 
         self.backbone = AutoModel.from_config(config.vision_config)
+        adapter = config.backbone_adapter
+        # VisualAD trains the backbone's final norm (SPEC §1); a family without one (RADIO) gets a fresh LayerNorm.
+        self.added_layernorm = (
+            nn.LayerNorm(config.hidden_size, eps=adapter.layer_norm_eps)
+            if adapter.final_norm(self.backbone) is None
+            else None
+        )
         self.tokens = VisualADTokens(config)
         self.spatial_cross_attention = nn.ModuleList(
             VisualADSpatialCrossAttention(config) for _ in config.feature_layers
@@ -328,25 +340,30 @@ class VisualADModel(VisualADPreTrainedModel):
         self.freeze_backbone()
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Backbone access: the two families keep the same parts under different names.
+    # Backbone access: every family-specific detail is the adapter's (`visualad_hf.backbones`).
 
     @property
-    def _is_clip(self) -> bool:
-        return self.config.vision_config.model_type == "clip_vision_model"
+    def backbone_adapter(self) -> BackboneAdapter:
+        return self.config.backbone_adapter
 
     @property
     def backbone_layers(self) -> nn.ModuleList:
-        return self.backbone.encoder.layers if self._is_clip else self.backbone.encoder.layer
+        return self.backbone_adapter.layers(self.backbone)
 
     @property
-    def final_layernorm(self) -> nn.LayerNorm:
-        """The backbone's final LayerNorm (CLIP `post_layernorm`, DINOv2 `layernorm`); trainable in VisualAD."""
-        return self.backbone.post_layernorm if self._is_clip else self.backbone.layernorm
+    def final_layernorm(self) -> nn.Module:
+        """The final norm VisualAD trains: the backbone's own (CLIP `post_layernorm`, DINOv2 `layernorm`, ...), or the
+        LayerNorm added for a family without one."""
+        own = self.backbone_adapter.final_norm(self.backbone)
+        return own if own is not None else self.added_layernorm
 
-    def _position_table(self) -> torch.Tensor:
-        """The backbone's position embeddings `(1 + num_positions, hidden)`, CLS row first."""
-        embeddings = self.backbone.embeddings
-        return embeddings.position_embedding.weight if self._is_clip else embeddings.position_embeddings[0]
+    def train(self, mode: bool = True) -> VisualADModel:
+        # Training-time augmentations inside the frozen backbone (DINOv3's RoPE jitter) stay off: the backbone must
+        # see at training time the positions it sees at inference.
+        super().train(mode)
+        for module in self.backbone_adapter.eval_only_modules(self.backbone):
+            module.eval()
+        return self
 
     def freeze_backbone(self) -> None:
         """Freeze the backbone except its final LayerNorm (SPEC §6)."""
@@ -365,58 +382,24 @@ class VisualADModel(VisualADPreTrainedModel):
     # ----------------------------------------------------------------------------------------------------------------
 
     def _embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone input sequence `[CLS, registers…, patches]` with positions, and the CLS position embedding."""
-        embeddings = self.backbone.embeddings
-        table = self._position_table()
-        cls_position = table[0]
-        mode = self.config.resolved_position_interpolation
-        if mode == "backbone":
-            if self._is_clip:
-                return embeddings(pixel_values, interpolate_pos_encoding=True), cls_position
-            return embeddings(pixel_values), cls_position
+        """Backbone input sequence `[prefix tokens, patches]` with positions, and the two tokens' position embedding."""
+        adapter = self.backbone_adapter
+        sequence = adapter.embed(self.backbone, pixel_values, self.config.resolved_position_interpolation)
+        return sequence, adapter.token_position(self.backbone)
 
-        batch_size, _, height, width = pixel_values.shape
-        grid = (height // self.config.patch_size, width // self.config.patch_size)
-        native = math.isqrt(table.shape[0] - 1)
-        patch_positions = table[1:]
-        if (native, native) != grid:
-            resized = F.interpolate(
-                patch_positions.float().reshape(1, native, native, -1).permute(0, 3, 1, 2),
-                size=grid,
-                mode=mode,
-                align_corners=False,
-            )
-            patch_positions = resized.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(table.dtype)
-        positions = torch.cat([cls_position[None], patch_positions])
-
-        if self._is_clip:
-            weight = embeddings.patch_embedding.weight
-            patches = embeddings.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
-            cls = embeddings.class_embedding.expand(batch_size, 1, -1)
-            return torch.cat([cls, patches], dim=1) + positions, cls_position
-
-        patches = embeddings.patch_embeddings(pixel_values)
-        sequence = torch.cat([embeddings.cls_token.expand(batch_size, -1, -1), patches], dim=1) + positions
-        if hasattr(embeddings, "register_tokens"):
-            registers = embeddings.register_tokens.expand(batch_size, -1, -1)
-            sequence = torch.cat([sequence[:, :1], registers, sequence[:, 1:]], dim=1)
-        return embeddings.dropout(sequence), cls_position
+    def backbone_layer_kwargs(self, pixel_values: torch.Tensor) -> dict:
+        """What every backbone layer needs for this input besides the sequence (DINOv3: its RoPE tables)."""
+        return self.backbone_adapter.layer_kwargs(self.backbone, pixel_values)
 
     def run_backbone_layers(
-        self, hidden_states: torch.Tensor, keep_layers: list[int]
+        self, hidden_states: torch.Tensor, keep_layers: list[int], **layer_kwargs
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Run the backbone's pre-LayerNorm (CLIP) and all its layers, unchanged, on any token sequence.
+        """Run the backbone's pre-norm (if any) and all its layers, unchanged, on any token sequence.
 
-        Returns the sequences after each 1-indexed layer in `keep_layers` and the sequence after the last layer.
+        `layer_kwargs` are what `backbone_layer_kwargs(pixel_values)` returns (empty for CLIP and DINOv2). Returns the
+        sequences after each 1-indexed layer in `keep_layers` and the sequence after the last layer.
         """
-        if self._is_clip:
-            hidden_states = self.backbone.pre_layrnorm(hidden_states)
-        kept: dict[int, torch.Tensor] = {}
-        for index, layer in enumerate(self.backbone_layers, start=1):
-            hidden_states = layer(hidden_states, None)  # positional: gradient checkpointing wraps it
-            if index in keep_layers:
-                kept[index] = hidden_states
-        return kept, hidden_states
+        return self.backbone_adapter.run_layers(self.backbone, hidden_states, keep_layers, layer_kwargs)
 
     def layer_anomaly_maps(
         self, kept: dict[int, torch.Tensor], last_hidden_state: torch.Tensor, grid: tuple[int, int]
@@ -467,6 +450,7 @@ class VisualADModel(VisualADPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
+        has_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> VisualADOutput | tuple:
@@ -479,15 +463,21 @@ class VisualADModel(VisualADPreTrainedModel):
             masks (`torch.Tensor` of shape `(batch_size, height, width)`, *optional*):
                 Ground-truth masks for the segmentation loss; resized bilinearly to the input size when they differ,
                 then thresholded at 0.5. Normal images have all-zero masks.
+            has_mask (`torch.Tensor` of shape `(batch_size,)`, *optional*):
+                Which images' `masks` are known (bool; default all). An anomalous image without a ground-truth mask
+                has an unknown mask, not an all-normal one: it is left out of the segmentation loss and still counts
+                in the classification and contrastive losses (`VisualADCollator` sets this flag).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         grid_height, grid_width = self._check_pixel_values(pixel_values)
         batch_size, _, height, width = pixel_values.shape
 
-        sequence, cls_position = self._embed(pixel_values)
-        tokens = self.tokens(batch_size, cls_position).to(sequence.dtype)
+        sequence, token_position = self._embed(pixel_values)
+        tokens = self.tokens(batch_size, token_position).to(sequence.dtype)
         feature_layers = self.config.feature_layers
-        kept, hidden_states = self.run_backbone_layers(torch.cat([tokens, sequence], dim=1), feature_layers)
+        kept, hidden_states = self.run_backbone_layers(
+            torch.cat([tokens, sequence], dim=1), feature_layers, **self.backbone_layer_kwargs(pixel_values)
+        )
 
         layer_anomaly_maps, enhanced_tokens = self.layer_anomaly_maps(kept, hidden_states, (grid_height, grid_width))
         upsampled = F.interpolate(layer_anomaly_maps, size=(height, width), mode="bilinear", align_corners=False)
@@ -497,7 +487,7 @@ class VisualADModel(VisualADPreTrainedModel):
         loss = loss_cls = loss_seg = loss_ctr = None
         if labels is not None or masks is not None:
             deepest = enhanced_tokens[max(range(len(feature_layers)), key=lambda i: feature_layers[i])]
-            loss_cls, loss_seg, loss_ctr = self._losses(upsampled, image_logits, deepest, labels, masks)
+            loss_cls, loss_seg, loss_ctr = self._losses(upsampled, image_logits, deepest, labels, masks, has_mask)
             loss = sum(term for term in (loss_cls, loss_seg, loss_ctr) if term is not None)
 
         output = VisualADOutput(
@@ -518,6 +508,7 @@ class VisualADModel(VisualADPreTrainedModel):
         deepest_tokens: torch.Tensor,
         labels: torch.Tensor | None,
         masks: torch.Tensor | None,
+        has_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """`L_cls`, `L_seg` (None without masks) and `L_ctr` of SPEC §5."""
         size = upsampled_maps.shape[-2:]
@@ -535,10 +526,16 @@ class VisualADModel(VisualADPreTrainedModel):
         loss_seg = None
         if masks is not None:
             probabilities = torch.sigmoid(upsampled_maps)
-            loss_seg = sum(
-                focal_loss(probabilities[:, i], masks) + dice_loss(probabilities[:, i], masks)
-                for i in range(probabilities.shape[1])
-            )
+            if has_mask is not None:  # images with an unknown mask take no part in L_seg
+                known = has_mask.to(device=masks.device, dtype=torch.bool)
+                probabilities, masks = probabilities[known], masks[known]
+            if masks.shape[0] == 0:
+                loss_seg = upsampled_maps.sum() * 0.0  # no known mask in the batch; keeps the graph whole (DDP)
+            else:
+                loss_seg = sum(
+                    focal_loss(probabilities[:, i], masks) + dice_loss(probabilities[:, i], masks)
+                    for i in range(probabilities.shape[1])
+                )
         cosine = F.cosine_similarity(deepest_tokens[:, 0], deepest_tokens[:, 1], dim=-1)
         loss_ctr = F.relu(cosine + CONTRASTIVE_MARGIN).mean()
         return loss_cls, loss_seg, loss_ctr
@@ -568,17 +565,25 @@ class VisualADModel(VisualADPreTrainedModel):
         """Fresh VisualAD heads on a pretrained backbone.
 
         Args:
-            pretrained_backbone: a Hub id (e.g. `openai/clip-vit-large-patch14-336`, `facebook/dinov2-large`) or a local
-                folder with a CLIP, CLIP-vision, DINOv2 or DINOv2-with-registers checkpoint.
+            pretrained_backbone: a Hub id (e.g. `openai/clip-vit-large-patch14-336`, `facebook/dinov2-large`,
+                `facebook/dinov3-vitl16-pretrain-lvd1689m`, `google/siglip2-large-patch16-512`) or a local folder
+                with a checkpoint of a supported family (`visualad_hf.backbones`), full multi-tower checkpoints
+                (CLIP, SigLIP) included.
             dtype: parameter dtype (fp32 by default, the training precision of the released runs).
             **config_overrides: `VisualADConfig` fields, e.g. `feature_layers=[6, 12, 18, 24]`, `image_size=518`.
+
+        The input normalisation is read from the folder's preprocessor_config.json when it has one (and the family
+        normalises there; RADIO normalises with its config's constants), else the family's published constants.
         """
         hub_kwargs = dict(cache_dir=cache_dir, revision=revision, token=token, local_files_only=local_files_only)
         try:
             backbone_config = AutoConfig.from_pretrained(pretrained_backbone, **hub_kwargs)
         except OSError as error:
             raise OSError(backbone_load_error_message(pretrained_backbone, error)) from error
-        backbone_config = _vision_config_of(backbone_config, pretrained_backbone)
+        backbone_config = vision_config_of(backbone_config, pretrained_backbone)
+        normalization = _preprocessor_normalization(backbone_config, pretrained_backbone, hub_kwargs)
+        if normalization is not None:
+            config_overrides = {"image_mean": normalization[0], "image_std": normalization[1], **config_overrides}
         config = VisualADConfig(vision_config=backbone_config, **config_overrides)
         # The heads are missing from a backbone checkpoint by design: replace transformers' load report by our check.
         verbosity = transformers_logging.get_verbosity()
@@ -591,7 +596,13 @@ class VisualADModel(VisualADPreTrainedModel):
             raise OSError(backbone_load_error_message(pretrained_backbone, error)) from error
         finally:
             transformers_logging.set_verbosity(verbosity)
-        missing_backbone = sorted(key for key in info["missing_keys"] if key.startswith("backbone."))
+        # Tensors the backbone class itself may miss by design (e.g. RADIO's identity layer scales) get its own init.
+        optional = [re.compile(pattern) for pattern in type(model.backbone)._keys_to_ignore_on_load_missing or []]
+        missing_backbone = sorted(
+            key
+            for key in info["missing_keys"]
+            if key.startswith("backbone.") and not any(p.search(key[len("backbone.") :]) for p in optional)
+        )
         if missing_backbone:
             raise ValueError(
                 f"{pretrained_backbone!r} did not provide {len(missing_backbone)} backbone weights, e.g. "
@@ -605,20 +616,39 @@ class VisualADModel(VisualADPreTrainedModel):
         )
         if model.tokens.position_embeddings is not None:
             with torch.no_grad():
-                model.tokens.position_embeddings.copy_(model._position_table()[0].expand(2, -1))
+                position = model.backbone_adapter.token_position(model.backbone)
+                model.tokens.position_embeddings.copy_(position.expand(2, -1))
         return model
 
 
-def _vision_config_of(config: PreTrainedConfig, source: str) -> PreTrainedConfig:
-    """The vision part of a backbone config (a full CLIP config holds it as `vision_config`)."""
-    if config.model_type == "clip":
-        return config.vision_config
-    if config.model_type in ("clip_vision_model", "dinov2", "dinov2_with_registers"):
-        return config
-    raise ValueError(
-        f"{source!r} is a {config.model_type!r} model; VisualAD needs a CLIP vision or DINOv2 backbone "
-        "(e.g. openai/clip-vit-large-patch14-336 or facebook/dinov2-large)."
-    )
+def _preprocessor_normalization(
+    backbone_config: PreTrainedConfig, source: str, hub_kwargs: dict
+) -> tuple[list[float], list[float]] | None:
+    """Mean/std from the backbone's own preprocessor_config.json, when it has one that normalises."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(
+            source,
+            "preprocessor_config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **hub_kwargs,
+        )
+    except OSError:
+        return None
+    if path is None:
+        return None
+    try:
+        processor = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{path}: the backbone's preprocessor_config.json is not valid JSON ({error}); fix or delete it "
+            "(the family's published normalisation is used without it)."
+        ) from error
+    if not isinstance(processor, dict):
+        return None
+    return backbone_adapter(backbone_config).normalization_from_preprocessor(processor)
 
 
 def backbone_load_error_message(source: str, error: Exception) -> str:

@@ -21,8 +21,10 @@ class VisualADCollator:
     ```
 
     The batch holds `pixel_values` `[B, 3, H, W]`; `masks` `[B, H, W]` float {0, 1} when the rows have a `mask`
-    column and `return_masks` (a `None` mask is the all-zero mask of a normal image); `labels` `[B]` long when the rows
-    have a `label`; and each present `metadata_columns` entry as a list (the model ignores them). Rows may hold PIL
+    column and `return_masks` (a `None` mask is the all-zero mask of a normal image), with `has_mask` `[B]` bool:
+    False for an *anomalous* row without a mask, whose mask is unknown rather than all-normal (the model leaves it out
+    of the segmentation loss); `labels` `[B]` long when the rows have a `label`; and each present `metadata_columns`
+    entry as a list (the model ignores them). Rows may hold PIL
     images (the `datasets` default) or tensors (`with_format("torch")`).
 
     Args:
@@ -54,6 +56,9 @@ class VisualADCollator:
         batch: dict[str, Any] = {"pixel_values": processed["pixel_values"]}
         if masks is not None:
             batch["masks"] = processed["masks"]
+            batch["has_mask"] = torch.as_tensor(
+                [mask is not None or int(row.get("label", 0)) == 0 for mask, row in zip(masks, rows)], dtype=torch.bool
+            )
         if "label" in rows[0]:
             batch["labels"] = torch.as_tensor([int(row["label"]) for row in rows], dtype=torch.long)
         for column in self.metadata_columns:

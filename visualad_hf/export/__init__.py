@@ -26,12 +26,11 @@ from .exporter import DEFAULT_OPSET, QUANTIZATIONS, ExportResult, export_model
 from .manifest import MANIFEST_NAME, ExportManifest, is_exported_folder
 from .runtime import FORMATS, ExportedVisualADModel, ExportedVisualADOutput, load_exported
 
-
 __all__ = [
     "DEFAULT_OPSET",
     "FORMATS",
-    "QUANTIZATIONS",
     "MANIFEST_NAME",
+    "QUANTIZATIONS",
     "ExportError",
     "ExportManifest",
     "ExportMismatchError",

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..configuration_visualad import VisualADConfig
@@ -147,7 +146,9 @@ def export_model(
         )
         manifest.save(staging)
         if check:
-            manifest.parity = _parity(graph, ExportedVisualADModel.from_pretrained(staging, check_hashes=False), example)
+            manifest.parity = _parity(
+                graph, ExportedVisualADModel.from_pretrained(staging, check_hashes=False), example
+            )
             manifest.save(staging)
         (staging / README_NAME).write_text(folder_readme(manifest, model.config, processor), encoding="utf-8")
     return ExportResult(output, manifest)
@@ -204,9 +205,10 @@ def derive_export(
             "only: export from the model folder instead (`visualad export --model MODEL_FOLDER ...`)"
         )
     if int(opset) != base.opset or static_batch != base.static_batch:
+        batch = "dynamic batch" if base.static_batch is None else f"batch {base.static_batch}"
         raise ExportUnsupportedError(
-            f"{source} holds an opset {base.opset}, {'dynamic batch' if base.static_batch is None else 'batch %d' % base.static_batch} "
-            "graph; a folder derived from it keeps both: drop --opset/--static-batch, or export from the model folder"
+            f"{source} holds an opset {base.opset}, {batch} graph; a folder derived from it keeps both: drop "
+            "--opset/--static-batch, or export from the model folder"
         )
     if source.resolve() == output.resolve():
         raise ExportUnsupportedError(f"--output {output} is the source folder itself; choose another folder")
@@ -289,7 +291,9 @@ def _export_onnx(graph: torch.nn.Module, example: torch.Tensor, path: Path, *, o
     _check_batch_kept(proto, dynamic)
     proto.graph.doc_string = "VisualAD: pixel_values [B,3,H,W] -> anomaly_map [B,H,W] (smoothed), score [B]"
     external = proto.ByteSize() > PROTOBUF_LIMIT - 2**24
-    onnx.save_model(proto, str(path), save_as_external_data=external, location=path.name + ".data" if external else None)
+    onnx.save_model(
+        proto, str(path), save_as_external_data=external, location=path.name + ".data" if external else None
+    )
 
 
 def _check_batch_kept(proto, dynamic: bool) -> None:
@@ -297,8 +301,8 @@ def _check_batch_kept(proto, dynamic: bool) -> None:
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     if dynamic and dims[0].HasField("dim_value"):
         raise ExportError(
-            f"the exported graph fixed the batch dimension to {dims[0].dim_value} (some operation depends on the batch "
-            "size); export with --static-batch N, or report this model configuration as a bug"
+            f"the exported graph fixed the batch dimension to {dims[0].dim_value}: this backbone's code depends on the "
+            "batch size (SigLIP2 NaFlex resizes its position table per image); export with --static-batch N"
         )
 
 
@@ -344,7 +348,13 @@ def _versions(format: str) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("visualad-hf", "onnx", "onnxscript", "onnxruntime", *(("openvino",) if format == "openvino" else ())):
+    for package in (
+        "visualad-hf",
+        "onnx",
+        "onnxscript",
+        "onnxruntime",
+        *(("openvino",) if format == "openvino" else ()),
+    ):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -412,7 +422,7 @@ fraction of pixels: the image anomaly score). Decision threshold: {config.anomal
 import visualad_hf
 from transformers import pipeline
 
-detector = pipeline("anomaly-detection", model="path/to/this/folder")   # runs {runtime.split(' ')[0]}
+detector = pipeline("anomaly-detection", model="path/to/this/folder")   # runs {runtime.split(" ")[0]}
 result = detector("part.png")
 ```
 

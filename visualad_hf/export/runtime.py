@@ -92,9 +92,7 @@ class OpenVINOSession:
         self.compiled = core.compile_model(core.read_model(str(path)), device, config)
         self.providers = [f"OpenVINO:{device}"]
         shape = self.compiled.input(0).get_partial_shape()
-        self.input_shape = tuple(
-            dimension.get_length() if dimension.is_static else "batch" for dimension in shape
-        )
+        self.input_shape = tuple(dimension.get_length() if dimension.is_static else "batch" for dimension in shape)
         self.request = self.compiled.create_infer_request()
 
     def run(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,8 +187,10 @@ class ExportedVisualADModel:
     def _check_graph_input(self, shape: tuple) -> None:
         """The graph's declared input must be what the manifest says (catches a graph swapped without re-hashing)."""
         expected_batch = self.manifest.static_batch
-        if len(shape) != 4 or tuple(shape[1:]) != (3, *self.manifest.input_size) or (
-            expected_batch is not None and shape[0] != expected_batch
+        if (
+            len(shape) != 4
+            or tuple(shape[1:]) != (3, *self.manifest.input_size)
+            or (expected_batch is not None and shape[0] != expected_batch)
         ):
             raise ExportMismatchError(
                 f"{self.folder / self.manifest.graph} takes input of shape {list(shape)} but "
