@@ -156,3 +156,28 @@ def test_card_title_and_backbone_row_render():
     assert "# my-visualad" in lines
     backbone_row = next(line for line in lines if line.startswith("| Backbone (frozen)"))
     assert backbone_row.count("width") == 1
+
+
+def test_a_synthetic_trained_small_model_card_claims_neither_industrial_training_nor_the_papers_table():
+    card = create_model_card(tiny_visualad_config(), training_data="synthetic benchmark (auxiliary families)").text
+    assert "trained on industrial images" not in card
+    assert "The heads were trained on synthetic images (generated textures and shapes" in card
+    section = card.split("### Results reported in the paper", 1)[1].split("## ", 1)[0]
+    assert "| MVTec-AD |" not in section and "92.2" not in section
+    assert "This model's backbone\n(CLIP ViT (width 64, 4 layers, patch 14)) is a different one" in section
+    industrial = create_model_card(VisualADConfig(), training_data="visa").text
+    assert "The heads were trained on industrial images" in industrial and "| MVTec-AD | 92.2 |" in industrial
+    assert "The heads were trained on the training data above" in create_model_card(VisualADConfig()).text
+
+
+def test_the_threshold_row_names_how_it_was_calibrated_and_can_be_updated():
+    from visualad_hf.model_card import update_card_threshold
+
+    calibration = {"method": "f1_max", "num_images": 40, "f1": 0.875}
+    config = VisualADConfig(anomaly_threshold=0.5, threshold_calibration=calibration)
+    row = "| Decision threshold | 0.5 (in `config.json`); the F1-max point on 40 labelled images (F1 0.875) |"
+    assert row in create_model_card(config).text
+    uncalibrated = create_model_card(VisualADConfig()).text
+    updated = update_card_threshold(uncalibrated, 0.5, calibration)
+    assert row in updated and "none set" not in updated
+    assert len(updated.splitlines()) == len(uncalibrated.splitlines())

@@ -139,3 +139,132 @@ def test_pipeline_from_objects(image_files):
         "anomaly-detection", model=model, image_processor=VisualADImageProcessor.from_model_config(config)
     )
     assert detector(image_files[0])["anomaly_map"].shape == (90, 120)
+
+
+def test_half_precision_tensors_are_read_as_float32(detector, image_files):
+    """bf16/fp16 tensors (the README promises tensors) give the score of the same values in float32."""
+    array = np.asarray(Image.open(image_files[1]), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    for dtype in (torch.bfloat16, torch.float16):
+        reduced = tensor.to(dtype)
+        assert detector(reduced)["score"] == pytest.approx(detector(reduced.to(torch.float32))["score"], abs=1e-6)
+    processor = detector.image_processor
+    assert processor(tensor.to(torch.bfloat16))["pixel_values"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "empty", [np.zeros((0, 12, 3), dtype=np.uint8), torch.zeros(3, 9, 0), np.zeros((5, 0), dtype=np.float32)]
+)
+def test_zero_size_inputs_are_refused_clearly(detector, empty):
+    with pytest.raises(ImageLoadError, match="zero-size image"):
+        detector(empty)
+    with pytest.raises(ImageLoadError, match="zero-size image"):
+        detector.image_processor(empty)
+
+
+def test_non_finite_float_images_name_the_file(detector, tmp_path):
+    path = tmp_path / "nan.tiff"
+    Image.fromarray(np.full((16, 16), np.nan, dtype=np.float32), mode="F").save(path)
+    with pytest.raises(ImageLoadError, match=r"nan\.tiff: 256 of 256 pixel values are NaN"):
+        detector(str(path))
+    partly = np.ones((4, 4), dtype=np.float32)
+    partly[0, 0] = np.inf
+    with pytest.raises(ImageLoadError, match="1 of 16 pixel values are NaN or infinite"):
+        detector(partly)
+
+
+class _SilentServer:
+    """A TCP server on 127.0.0.1 that accepts connections and then does what `behaviour` says (or nothing)."""
+
+    def __init__(self, behaviour=None):
+        import socket
+
+        self.behaviour = behaviour
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.stop = threading.Event()
+        self.connections = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/image.png"
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:  # the accept timeout (TimeoutError) or a closed socket
+                continue
+            self.connections.append(connection)
+            if self.behaviour is not None:
+                threading.Thread(target=self.behaviour, args=(connection, self.stop), daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(timeout=5)
+        for connection in self.connections:
+            connection.close()
+        self.sock.close()
+
+
+def _endless_body(connection, stop):
+    """Headers without a length, then zeros until the client hangs up."""
+    try:
+        connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nConnection: close\r\n\r\n")
+        chunk = b"\0" * 65536
+        while not stop.is_set():
+            connection.sendall(chunk)
+    except OSError:
+        pass
+
+
+def _huge_declared_length(connection, stop):
+    try:
+        connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\nConnection: close\r\n\r\n")
+        stop.wait(10)
+    except OSError:
+        pass
+
+
+def test_url_inputs_time_out_by_default_when_the_server_is_silent(detector, monkeypatch):
+    import time
+
+    from visualad_hf import image_io
+
+    server = _SilentServer()
+    try:
+        monkeypatch.setattr(image_io, "DEFAULT_URL_TIMEOUT", 0.5)  # the default applies without timeout=
+        start = time.monotonic()
+        with pytest.raises(ImageLoadError, match=r"timed out after 0\.5 s"):
+            detector(server.url)
+        assert time.monotonic() - start < 10
+        with pytest.raises(ImageLoadError, match=r"timed out after 0\.3 s"):
+            detector(server.url, timeout=0.3)
+    finally:
+        server.close()
+
+
+def test_url_inputs_have_a_finite_default_timeout_and_size_cap():
+    from visualad_hf import image_io
+
+    assert 0 < image_io.DEFAULT_URL_TIMEOUT <= 120
+    assert 0 < image_io.DEFAULT_URL_MAX_BYTES <= 1024**3
+
+
+def test_url_inputs_that_send_too_much_are_cut_off(detector, monkeypatch):
+    from visualad_hf import image_io
+
+    monkeypatch.setattr(image_io, "DEFAULT_URL_MAX_BYTES", 1_000_000)
+    for behaviour, message in [(_endless_body, "more than 1,000,000 bytes"), (_huge_declared_length, "announces")]:
+        server = _SilentServer(behaviour)
+        try:
+            with pytest.raises(ImageLoadError, match=message):
+                detector(server.url, timeout=10)
+        finally:
+            server.close()

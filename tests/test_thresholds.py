@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_visualad_config
+from conftest import save_tiny_model, tiny_visualad_config
 from PIL import Image
 from transformers import pipeline
 
-from visualad_hf import VisualADConfig, VisualADImageProcessor, VisualADModel
+from visualad_hf import VisualADConfig
 from visualad_hf.cli import main as cli_main
 from visualad_hf.thresholds import (
     ThresholdCalibration,
@@ -167,3 +167,108 @@ def test_calibrate_command(model_dir, image_sets, tmp_path, capsys):
     )
     assert status == 0
     assert VisualADConfig.from_pretrained(labelled).threshold_calibration["method"] == "f1_max"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The calibrated folder keeps what the source folder had (issue 11, item 6)
+
+
+@pytest.fixture
+def trained_folder(model_dir, tmp_path):
+    """A model folder as training leaves it: card, eval_results/, training_args.yaml, a checkpoint and logs."""
+    import shutil
+
+    from visualad_hf.model_card import create_model_card
+
+    folder = tmp_path / "trained"
+    shutil.copytree(model_dir, folder)
+    config = VisualADConfig.from_pretrained(folder)
+    create_model_card(config, training_data="synthetic benchmark (auxiliary families)").save(str(folder / "README.md"))
+    (folder / "eval_results").mkdir()
+    (folder / "eval_results" / "metrics.md").write_text("| Category | I-AUROC |\n")
+    (folder / "training_args.yaml").write_text("seed: 111\n")
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    (folder / "logs").mkdir()
+    return folder
+
+
+def calibrate_cli(*args):
+    return cli_main(["calibrate", "--device", "cpu", *map(str, args)])
+
+
+def test_calibrate_output_keeps_card_results_and_arguments(trained_folder, image_sets, tmp_path, capsys):
+    output = tmp_path / "calibrated"
+    card_before = (trained_folder / "README.md").read_text()
+    assert "| Decision threshold | none set" in card_before
+    assert calibrate_cli("--model", trained_folder, "--normal", image_sets / "normal", "--output", output) == 0
+    config = VisualADConfig.from_pretrained(output)
+    card = (output / "README.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| Decision threshold |"))
+    assert f"{config.anomaly_threshold:.6g} (in `config.json`)" in row
+    assert "99th percentile of the scores of 6 normal images" in row
+    assert [line for line in card.splitlines() if line != row] == [
+        line for line in card_before.splitlines() if not line.startswith("| Decision threshold |")
+    ]
+    assert (output / "eval_results" / "metrics.md").read_text() == "| Category | I-AUROC |\n"
+    assert (output / "training_args.yaml").read_text() == "seed: 111\n"
+    assert (output / "model.safetensors").read_bytes() == (trained_folder / "model.safetensors").read_bytes()
+    assert not (output / "checkpoint-5").exists() and not (output / "logs").exists()
+    assert VisualADConfig.from_pretrained(trained_folder).anomaly_threshold is None  # the source is untouched
+
+
+def test_calibrate_in_place_updates_the_card_and_keeps_everything(trained_folder, image_sets, capsys):
+    weights = (trained_folder / "model.safetensors").read_bytes()
+    assert calibrate_cli(
+        "--model", trained_folder, "--normal", image_sets / "normal", "--anomalous", image_sets / "anomalous",
+        "--output", trained_folder, "--dtype", "bfloat16",
+    ) == 0
+    config = VisualADConfig.from_pretrained(trained_folder)
+    assert config.threshold_calibration["method"] == "f1_max"
+    card = (trained_folder / "README.md").read_text()
+    assert "none set" not in card and "the F1-max point on 12 labelled images" in card
+    assert (trained_folder / "model.safetensors").read_bytes() == weights  # bf16 scoring, weights copied unchanged
+    assert (trained_folder / "checkpoint-5" / "trainer_state.json").is_file() and (trained_folder / "logs").is_dir()
+    assert not [p for p in trained_folder.parent.iterdir() if p.name.endswith((".tmp", ".old"))]
+
+
+def test_calibrate_refuses_to_replace_what_is_not_a_model(trained_folder, image_sets, tmp_path, capsys):
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert calibrate_cli("--model", trained_folder, "--normal", image_sets / "normal", "--output", folder) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not empty and is not a model folder" in err and len(err.splitlines()) == 1
+    assert (folder / "notes.txt").read_text() == "mine"
+    other = tmp_path / "other_model"
+    save_tiny_model(other)
+    assert calibrate_cli("--model", trained_folder, "--normal", image_sets / "normal", "--output", other) == 2
+    assert "already holds another model; pass --overwrite" in capsys.readouterr().err
+    assert calibrate_cli(
+        "--model", trained_folder, "--normal", image_sets / "normal", "--output", other, "--overwrite"
+    ) == 0
+    assert (other / "training_args.yaml").is_file()
+
+
+def test_calibrate_reports_nan_images_and_goes_on(model_dir, image_sets, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    Image.fromarray(np.full((12, 12), np.nan, dtype=np.float32), mode="F").save(bad / "nan.tiff")
+    output = tmp_path / "calibrated"
+    assert calibrate_cli("--model", model_dir, "--normal", image_sets / "normal", bad, "--output", output) == 1
+    assert f"error: {bad / 'nan.tiff'}: 144 of 144 pixel values are NaN" in capsys.readouterr().err
+    assert VisualADConfig.from_pretrained(output).threshold_calibration["num_images"] == 6
+    assert calibrate_cli("--model", model_dir, "--normal", bad, "--output", tmp_path / "none") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"error: {bad / 'nan.tiff'}") and "none of the normal images could be scored" in err[-1]
+    assert not (tmp_path / "none").exists()
+
+
+def test_update_card_threshold_without_the_templates_row():
+    from visualad_hf.model_card import update_card_threshold
+
+    text = update_card_threshold("# my model\n\nSome words.\n", 0.5, {"method": "normal_percentile", "num_images": 3,
+                                                                       "percentile": 95.0})
+    assert text.endswith("| Decision threshold | 0.5 (in `config.json`); the 95th percentile of the scores of 3 normal "
+                         "images |\n")
+    assert update_card_threshold(text, 0.7).count("## Decision threshold") == 1

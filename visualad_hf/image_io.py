@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +60,9 @@ _CONVERT_BEFORE_RESIZE = {"1": "L", "PA": "RGBA", "HSV": "RGB", "LAB": "RGB", "L
 _HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 _EXIF_ORIENTATION_TAG = 0x0112
 _FULL_SCALE_16_BIT = 65535.0
+# URL inputs: a silent server times out, an endless one is cut off (both overridable per call).
+DEFAULT_URL_TIMEOUT = 30.0
+DEFAULT_URL_MAX_BYTES = 256 * 1024 * 1024
 
 LOSSLESS_THRESHOLD = 1
 LOSSY_THRESHOLD = 128
@@ -85,6 +89,7 @@ def load_image(
     *,
     timeout: float | None = None,
     max_pixels: int | None = None,
+    max_bytes: int | None = None,
 ) -> Image.Image:
     """Open a path or URL (or take a PIL image), decode it fully and apply its EXIF orientation; keep its mode.
 
@@ -94,7 +99,8 @@ def load_image(
 
     Args:
         image: a local path, an `http(s)://` URL, or a PIL image.
-        timeout: seconds to wait for a URL.
+        timeout: seconds a URL download may take (default `DEFAULT_URL_TIMEOUT`), see `download`.
+        max_bytes: largest accepted download (default `DEFAULT_URL_MAX_BYTES`).
         max_pixels: largest accepted `width * height`, checked from the header before decoding, so that a
             decompression bomb is refused cheaply. Defaults to Pillow's `Image.MAX_IMAGE_PIXELS` (89,478,485 pixels,
             about 9459x9459, unless changed); `None` there means no limit.
@@ -106,15 +112,7 @@ def load_image(
         raise TypeError(f"load_image takes a path, URL or PIL image, got {type(image).__name__}")
     source = os.fspath(image)
     if source.startswith(("http://", "https://")):
-        try:  # the HTTP client of the HF stack, as `transformers.image_utils.load_image` uses
-            response = httpx.get(source, timeout=timeout, follow_redirects=True)
-            response.raise_for_status()
-            content = response.content
-        except httpx.HTTPError as error:
-            raise ImageLoadError(source, f"download failed ({error})") from error
-        if not content:
-            raise ImageLoadError(source, "empty response (0 bytes)")
-        stream: Path | io.BytesIO = io.BytesIO(content)
+        stream: Path | io.BytesIO = io.BytesIO(download(source, timeout=timeout, max_bytes=max_bytes))
     else:
         path = Path(source)
         if not path.exists():
@@ -148,6 +146,37 @@ def load_image(
     return apply_exif_orientation(opened)
 
 
+def download(url: str, *, timeout: float | None = None, max_bytes: int | None = None) -> bytes:
+    """The body of `url`, refused when the server is silent or slow (no byte for `timeout` seconds, or the whole
+    download longer than `timeout`) or sends more than `max_bytes` (declared or actually sent): a silent or endless
+    server must not hang a pipeline forever. Every failure is an `ImageLoadError` naming the URL."""
+    timeout = DEFAULT_URL_TIMEOUT if timeout is None else float(timeout)
+    max_bytes = DEFAULT_URL_MAX_BYTES if max_bytes is None else int(max_bytes)
+    deadline = time.monotonic() + timeout
+    chunks, received = [], 0
+    try:  # the HTTP client of the HF stack, as `transformers.image_utils.load_image` uses
+        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
+            response.raise_for_status()
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise ImageLoadError(url, f"the server announces {int(declared):,} bytes, over the limit of {max_bytes:,}")
+            for chunk in response.iter_bytes():
+                received += len(chunk)
+                if received > max_bytes:
+                    raise ImageLoadError(url, f"more than {max_bytes:,} bytes sent, over the limit; not an image to read")
+                if time.monotonic() > deadline:
+                    raise ImageLoadError(url, f"download took longer than {timeout:g} s (timeout=); the server is too slow")
+                chunks.append(chunk)
+    except httpx.TimeoutException as error:
+        raise ImageLoadError(url, f"download timed out after {timeout:g} s (no answer from the server)") from error
+    except httpx.HTTPError as error:
+        raise ImageLoadError(url, f"download failed ({error})") from error
+    content = b"".join(chunks)
+    if not content:
+        raise ImageLoadError(url, "empty response (0 bytes)")
+    return content
+
+
 def _decode(image: Image.Image, source: str) -> None:
     """Decode a lazily opened image now, so that a truncated or corrupt file fails here with its name."""
     try:
@@ -161,7 +190,7 @@ def apply_exif_orientation(image: Image.Image) -> Image.Image:
     """Rotate/flip `image` as its EXIF orientation tag says (no copy when there is nothing to do)."""
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-    except Exception:  # an unreadable EXIF block must not make a readable image fail
+    except Exception:  # noqa: BLE001  (an unreadable EXIF block must not make a readable image fail)
         return image
     return image if orientation == 1 else ImageOps.exif_transpose(image)
 
@@ -180,6 +209,7 @@ def to_pil_image(
     returned as is. Conversions and their reasons are listed in the module docstring.
     """
     if isinstance(image, (str, os.PathLike, Image.Image)):
+        source = os.fspath(image) if not isinstance(image, Image.Image) else getattr(image, "filename", "") or "<PIL image>"
         image = load_image(image, timeout=timeout, max_pixels=max_pixels)
     elif isinstance(image, (np.ndarray, torch.Tensor)):
         return _array_to_pil(image, bit_depth_scaling)
@@ -187,6 +217,8 @@ def to_pil_image(
         raise TypeError(
             f"Unsupported image type {type(image).__name__}; pass a path, URL, PIL image, numpy array or torch tensor."
         )
+    if image.width == 0 or image.height == 0:
+        raise ImageLoadError(source, f"zero-size image ({image.width}x{image.height}); there is nothing to score")
     mode = image.mode
     if mode in _RESIZE_IN_OWN_MODE:
         return image
@@ -195,7 +227,7 @@ def to_pil_image(
     if mode in _CONVERT_BEFORE_RESIZE:
         return image.convert(_CONVERT_BEFORE_RESIZE[mode])
     if mode in _HIGH_BIT_DEPTH_MODES:
-        return Image.fromarray(_to_uint8(np.asarray(image), bit_depth_scaling), mode="L")
+        return Image.fromarray(_to_uint8(np.asarray(image), bit_depth_scaling, source), mode="L")
     try:
         return image.convert("RGB")
     except ValueError as error:
@@ -204,9 +236,12 @@ def to_pil_image(
 
 def _array_to_pil(array: np.ndarray | torch.Tensor, bit_depth_scaling: BitDepthScaling) -> Image.Image:
     """numpy (channels last preferred) or torch (channels first preferred) image -> 8-bit PIL image."""
+    source = f"<{'torch tensor' if isinstance(array, torch.Tensor) else 'numpy array'} of shape {tuple(array.shape)}>"
+    if array.ndim >= 2 and 0 in tuple(array.shape):
+        raise ImageLoadError(source, "zero-size image; there is nothing to score (was it cropped to nothing?)")
     array = to_hw_or_hwc(array)
     mode = "L" if array.ndim == 2 else {2: "LA", 3: "RGB", 4: "RGBA"}[array.shape[-1]]
-    return Image.fromarray(np.ascontiguousarray(_to_uint8(array, bit_depth_scaling)), mode=mode)
+    return Image.fromarray(np.ascontiguousarray(_to_uint8(array, bit_depth_scaling, source)), mode=mode)
 
 
 def to_hw_or_hwc(array: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -214,7 +249,10 @@ def to_hw_or_hwc(array: np.ndarray | torch.Tensor) -> np.ndarray:
     shape allows both; a single channel is dropped."""
     channels_first = isinstance(array, torch.Tensor)
     if isinstance(array, torch.Tensor):
-        array = array.detach().cpu().numpy()
+        array = array.detach().cpu()
+        if array.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16: compute in float32
+            array = array.to(torch.float32)
+        array = array.numpy()
     if array.ndim == 3:
         first, last = array.shape[0] in (1, 2, 3, 4), array.shape[-1] in (1, 2, 3, 4)
         if first and (channels_first or not last):
@@ -228,8 +266,8 @@ def to_hw_or_hwc(array: np.ndarray | torch.Tensor) -> np.ndarray:
     return array
 
 
-def _to_uint8(array: np.ndarray, bit_depth_scaling: BitDepthScaling) -> np.ndarray:
-    """Bring any numeric image array to uint8 (rules in the module docstring)."""
+def _to_uint8(array: np.ndarray, bit_depth_scaling: BitDepthScaling, source: str = "<array>") -> np.ndarray:
+    """Bring any numeric image array to uint8 (rules in the module docstring); `source` names it in errors."""
     if bit_depth_scaling not in BIT_DEPTH_SCALINGS:
         raise ValueError(f"bit_depth_scaling={bit_depth_scaling!r} is unknown; choose one of {BIT_DEPTH_SCALINGS}.")
     if array.dtype == np.uint8:
@@ -237,8 +275,13 @@ def _to_uint8(array: np.ndarray, bit_depth_scaling: BitDepthScaling) -> np.ndarr
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
     values = array.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise ValueError("The image holds NaN or infinite values.")
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(values.size - finite.sum())
+        raise ImageLoadError(
+            source, f"{bad:,} of {values.size:,} pixel values are NaN or infinite; the image has no valid intensities"
+            if bad == values.size else f"{bad:,} of {values.size:,} pixel values are NaN or infinite; fix or mask them"
+        )
     if np.issubdtype(array.dtype, np.floating) and values.size and values.min() >= 0.0 and values.max() <= 1.0:
         scaled = values * 255.0
     elif bit_depth_scaling == "full":
@@ -292,10 +335,13 @@ def binarize_mask(mask: Image.Image | np.ndarray, threshold: int | None = None) 
 
 __all__ = [
     "BIT_DEPTH_SCALINGS",
+    "DEFAULT_URL_MAX_BYTES",
+    "DEFAULT_URL_TIMEOUT",
     "ImageLoadError",
     "apply_exif_orientation",
     "as_image_list",
     "binarize_mask",
+    "download",
     "load_image",
     "mask_threshold",
     "to_hw_or_hwc",

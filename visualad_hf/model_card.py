@@ -160,6 +160,54 @@ def _describe_training_data(training_data: str | None) -> tuple[str | None, str 
     return training_data, training_data
 
 
+THRESHOLD_ROW = "| Decision threshold |"
+_INDUSTRIAL_SETS = ("visa", "mvtec", "btad", "mpdd", "ksdd", "dagm", "realiad")  # matched in lower-case alphanumerics
+
+
+def training_domain(training_name: str | None) -> str:
+    """What the heads saw, for the limitations section: industrial images only for the industrial benchmarks."""
+    name = (training_name or "").lower()
+    if "synthetic" in name:
+        return "synthetic images (generated textures and shapes with drawn defects), not photographs"
+    if any(key in re.sub(r"[^a-z0-9]", "", name) for key in _INDUSTRIAL_SETS):
+        return "industrial images"
+    return training_name or "the training data above"
+
+
+def threshold_text(threshold: float | None, calibration: Mapping[str, Any] | None = None) -> str:
+    """The card's decision-threshold cell: the value and how it was calibrated, or how to get one."""
+    if threshold is None:
+        return "none set: calibrate one on your data (`visualad calibrate`)"
+    text = f"{float(threshold):.6g} (in `config.json`)"
+    calibration = dict(calibration or {})
+    method, count = calibration.get("method"), calibration.get("num_images")
+    if method == "normal_percentile":
+        text += f"; the {calibration.get('percentile', 99):g}th percentile of the scores of {count} normal images"
+    elif method == "f1_max":
+        text += f"; the F1-max point on {count} labelled images"
+        if calibration.get("f1") is not None:
+            text += f" (F1 {float(calibration['f1']):.3f})"
+    elif method:
+        text += f"; calibrated by {method}"
+    return text
+
+
+def update_card_threshold(card_text: str, threshold: float | None, calibration: Mapping[str, Any] | None = None) -> str:
+    """An existing card (README.md text) with its decision-threshold row set to `threshold`; a card without the
+    row (not made from this package's template) gets a short section at the end instead."""
+    row = f"{THRESHOLD_ROW} {threshold_text(threshold, calibration)} |"
+    lines = card_text.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith(THRESHOLD_ROW):
+            lines[index] = row
+            return "\n".join(lines) + "\n"
+    section = "\n## Decision threshold\n\n| | |\n|:--|:--|\n" + row + "\n"
+    marker = "\n## Decision threshold\n"
+    if marker in card_text:
+        card_text = card_text[: card_text.index(marker)]
+    return card_text.rstrip("\n") + "\n" + section
+
+
 def create_model_card(
     config: VisualADConfig,
     *,
@@ -225,6 +273,8 @@ def create_model_card(
         # The paper evaluates the VisA-trained weights on every other dataset, the MVTec-trained ones on VisA.
         applies_to = [d for d in paper_rows if (d == "VisA") == (training_name == "MVTec-AD")]
     vision = config.vision_config
+    # The paper's table is for ViT-L/14 backbones: a card for another backbone does not print it as if it applied.
+    paper_table = _table(paper_rows, 1.0) if paper_rows and label == facts.name else None
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
@@ -239,7 +289,7 @@ def create_model_card(
         results_table=_table(results, 100.0) if results else None,
         per_category=per_category,
         eval_split=eval_split,
-        paper_table=_table(paper_rows, 1.0) if paper_rows else None,
+        paper_table=paper_table,
         paper_applies_to=applies_to,
         conversion=dict(conversion or {}),
         architecture={
@@ -256,6 +306,8 @@ def create_model_card(
             "resample": PILImageResampling(config.backbone_adapter.resample).name.lower(),
         },
         anomaly_threshold=config.anomaly_threshold,
+        threshold_text=threshold_text(config.anomaly_threshold, config.threshold_calibration),
+        training_domain=training_domain(training_name),
         paper_title=PAPER_TITLE,
         paper_url=PAPER_URL,
         authors_code_url=AUTHORS_CODE_URL,
@@ -269,4 +321,7 @@ __all__ = [
     "backbone_label",
     "create_model_card",
     "normalize_eval_results",
+    "threshold_text",
+    "training_domain",
+    "update_card_threshold",
 ]

@@ -87,6 +87,17 @@ def calibrate_f1_max(scores: Any, labels: Any) -> ThresholdCalibration:
     return ThresholdCalibration(float(threshold), "f1_max", int(values.size), parameters)
 
 
+def calibrate_scores(
+    normal_scores: Any, anomalous_scores: Any | None = None, *, percentile: float = DEFAULT_PERCENTILE
+) -> ThresholdCalibration:
+    """The rule choice in one place: F1-max when anomalous scores are given too, else the normal percentile."""
+    if anomalous_scores is None or len(anomalous_scores) == 0:
+        return calibrate_from_normal_scores(normal_scores, percentile)
+    normal, anomalous = _scores_array(normal_scores), _scores_array(anomalous_scores)
+    labels = np.concatenate([np.zeros(normal.size, dtype=int), np.ones(anomalous.size, dtype=int)])
+    return calibrate_f1_max(np.concatenate([normal, anomalous]), labels)
+
+
 def apply_calibration(model_or_config, calibration: ThresholdCalibration) -> None:
     """Store the threshold in `config.anomaly_threshold` and its provenance in `config.threshold_calibration`."""
     config = getattr(model_or_config, "config", model_or_config)
@@ -115,13 +126,8 @@ def calibrate(
     `apply=True` writes the result into `detector.model.config`; save it with `detector.save_pretrained(dir)`.
     """
     normal_scores = score_images(detector, normal_images, batch_size)
-    if anomalous_images:
-        anomalous_scores = score_images(detector, anomalous_images, batch_size)
-        scores = np.concatenate([normal_scores, anomalous_scores])
-        labels = np.concatenate([np.zeros(normal_scores.size, dtype=int), np.ones(anomalous_scores.size, dtype=int)])
-        calibration = calibrate_f1_max(scores, labels)
-    else:
-        calibration = calibrate_from_normal_scores(normal_scores, percentile)
+    anomalous_scores = score_images(detector, anomalous_images, batch_size) if anomalous_images else None
+    calibration = calibrate_scores(normal_scores, anomalous_scores, percentile=percentile)
     if apply:
         apply_calibration(detector.model, calibration)
     return calibration
@@ -134,5 +140,6 @@ __all__ = [
     "calibrate",
     "calibrate_f1_max",
     "calibrate_from_normal_scores",
+    "calibrate_scores",
     "score_images",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -9,6 +11,7 @@ PANEL_BACKGROUND = (255, 255, 255)
 TEXT_COLOUR = (20, 20, 20)
 ANOMALOUS_COLOUR = (200, 30, 30)
 NORMAL_COLOUR = (30, 130, 60)
+COLUMN_LABELS = ("image", "heatmap", "overlay")
 
 
 def normalize_map(anomaly_map: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
@@ -82,6 +85,69 @@ def describe_result(score: float, threshold: float | None = None) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class ColourScale:
+    """A fixed heatmap colour range and where it comes from (shown in the panel, so a reader knows what red means)."""
+
+    low: float
+    high: float
+    source: str
+
+    def as_range(self) -> tuple[float, float]:
+        return (self.low, self.high)
+
+
+def map_value_bounds(num_feature_layers: int) -> ColourScale:
+    """The range every VisualAD map lies in: each of the L layer maps is cos(patch, anomaly) - cos(patch, normal) in
+    [-2, 2] and the map is their sum, so [-2L, 2L]; smoothing and resizing keep it. Trained maps use most of it (the
+    per-layer maps are the logits of the segmentation loss), and 0 is where both tokens are equally close. One range
+    for every image of a model: normal images stay blue instead of being stretched to red by their own maximum."""
+    bound = 2.0 * int(num_feature_layers)
+    return ColourScale(-bound, bound, f"full map range: {num_feature_layers} layer maps x [-2, 2]")
+
+
+def _scale_of(anomaly_map: np.ndarray, value_range) -> ColourScale:
+    if isinstance(value_range, ColourScale):
+        return value_range
+    if value_range is not None:
+        return ColourScale(float(value_range[0]), float(value_range[1]), "fixed range")
+    return ColourScale(float(anomaly_map.min()), float(anomaly_map.max()), "this map's own min..max")
+
+
+def colour_bar(
+    scale: ColourScale, height: int, threshold: float | None = None, font=None, width: int = 14
+) -> Image.Image:
+    """A vertical colour bar (high at the top) with its end values and, when known, the threshold marked."""
+    font = font or _font(12)
+    ramp = np.linspace(scale.high, scale.low, max(height, 2), dtype=np.float32)[:, None].repeat(width, axis=1)
+    bar = heatmap_image(ramp, (scale.low, scale.high)) if scale.high > scale.low else heatmap_image(ramp * 0)
+    label_width = max(_text_width(font, f"{value:.2f}") for value in (scale.low, scale.high, threshold or 0.0)) + 8
+    image = Image.new("RGB", (width + 4 + label_width, height), PANEL_BACKGROUND)
+    image.paste(bar, (0, 0))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, width - 1, height - 1), outline=TEXT_COLOUR)
+    text_height = _text_height(font)
+    draw.text((width + 4, 0), f"{scale.high:.2f}", fill=TEXT_COLOUR, font=font)
+    draw.text((width + 4, height - text_height - 2), f"{scale.low:.2f}", fill=TEXT_COLOUR, font=font)
+    if threshold is not None and scale.high > scale.low:
+        fraction = min(max((scale.high - threshold) / (scale.high - scale.low), 0.0), 1.0)
+        y = round(fraction * (height - 1))
+        draw.line((0, y, width + 2, y), fill=(0, 0, 0), width=2)
+        label_y = min(max(y - text_height // 2, text_height + 2), height - 2 * text_height - 4)
+        draw.text((width + 4, label_y), f"{threshold:.2f}", fill=(0, 0, 0), font=font)
+    return image
+
+
+def _text_width(font, text: str) -> int:
+    left, _, right, _ = font.getbbox(text)
+    return int(right - left)
+
+
+def _text_height(font) -> int:
+    _, top, _, bottom = font.getbbox("0.123456789-")
+    return int(bottom - top) + 2
+
+
 def render_panel(
     image: Image.Image | np.ndarray,
     anomaly_map: np.ndarray,
@@ -90,41 +156,75 @@ def render_panel(
     *,
     title: str | None = None,
     alpha: float = 0.5,
-    value_range: tuple[float, float] | None = None,
+    value_range: ColourScale | tuple[float, float] | None = None,
     min_side: int = 256,
     max_side: int = 512,
 ) -> Image.Image:
-    """A result panel: image | heatmap | overlay side by side, under a caption with the score (and decision).
+    """A result panel: labelled columns image | heatmap | overlay and a colour bar, under a caption with the score
+    (and decision) and the colour range with its source.
 
-    Each tile is scaled so that its longer side lies within `min_side..max_side` pixels: panels of large images stay
-    small and those of small images stay readable.
+    `value_range`: a `ColourScale` (e.g. `map_value_bounds(config.num_feature_layers)`), a `(low, high)` pair, or
+    None for the map's own min..max (which makes every map look hot somewhere: use a fixed range to compare images).
+    The threshold, when given, is marked on the colour bar. Each tile is scaled so that its longer side lies within
+    `min_side..max_side` pixels: panels of large images stay small and those of small images stay readable.
     """
     image = _as_rgb(image)
     anomaly_map = np.asarray(anomaly_map)
     _check_size(image, anomaly_map)
-    tiles = [image, heatmap_image(anomaly_map, value_range), overlay_heatmap(image, anomaly_map, alpha, value_range)]
+    scale = _scale_of(anomaly_map, value_range)
+    bounds = scale.as_range()
+    tiles = [image, heatmap_image(anomaly_map, bounds), overlay_heatmap(image, anomaly_map, alpha, bounds)]
     longer = max(image.size)
-    scale = min(max(longer, min_side), max_side) / longer
-    if scale != 1.0:
-        tile_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    factor = min(max(longer, min_side), max_side) / longer
+    if factor != 1.0:
+        tile_size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
         tiles = [tile.resize(tile_size, Image.Resampling.BILINEAR) for tile in tiles]
     tile_width, tile_height = tiles[0].size
     gap = 8
-    font_size = max(12, min(24, tile_width // 16))
+    font_size = max(12, min(20, tile_width // 18))
     font = _font(font_size)
-    lines = [line for line in (title, describe_result(score, threshold)) if line]
-    line_height = font_size + 6
-    header = gap + line_height * len(lines)
-    panel = Image.new("RGB", (3 * tile_width + 4 * gap, header + tile_height + gap), PANEL_BACKGROUND)
+    line_height = _text_height(font) + 6
+    caption = [
+        (line, colour)
+        for line, colour in (
+            (title, TEXT_COLOUR),
+            (describe_result(score, threshold), _verdict_colour(score, threshold)),
+            (f"colour range {scale.low:.2f} .. {scale.high:.2f} ({scale.source})", TEXT_COLOUR),
+        )
+        if line
+    ]
+    header = gap + line_height * len(caption)
+    labels_top = header
+    tiles_top = labels_top + line_height
+    bar = colour_bar(scale, tile_height, threshold, font=_font(max(11, font_size - 2)))
+    width = 3 * tile_width + 4 * gap + bar.width + gap
+    panel = Image.new("RGB", (width, tiles_top + tile_height + gap), PANEL_BACKGROUND)
     draw = ImageDraw.Draw(panel)
-    for row, line in enumerate(lines):
-        colour = TEXT_COLOUR
-        if line is lines[-1] and threshold is not None:
-            colour = ANOMALOUS_COLOUR if score >= threshold else NORMAL_COLOUR
+    for row, (line, colour) in enumerate(caption):
         draw.text((gap, gap + row * line_height), line, fill=colour, font=font)
-    for column, tile in enumerate(tiles):
-        panel.paste(tile, (gap + column * (tile_width + gap), header))
+    for column, (tile, label) in enumerate(zip(tiles, COLUMN_LABELS)):
+        left = gap + column * (tile_width + gap)
+        draw.text((left + (tile_width - _text_width(font, label)) // 2, labels_top), label, fill=TEXT_COLOUR, font=font)
+        panel.paste(tile, (left, tiles_top))
+    panel.paste(bar, (gap + 3 * (tile_width + gap), tiles_top))
     return panel
 
 
-__all__ = ["colorize", "describe_result", "heatmap_image", "normalize_map", "overlay_heatmap", "render_panel"]
+def _verdict_colour(score: float, threshold: float | None) -> tuple[int, int, int]:
+    if threshold is None:
+        return TEXT_COLOUR
+    return ANOMALOUS_COLOUR if score >= threshold else NORMAL_COLOUR
+
+
+__all__ = [
+    "COLUMN_LABELS",
+    "ColourScale",
+    "colorize",
+    "colour_bar",
+    "describe_result",
+    "heatmap_image",
+    "map_value_bounds",
+    "normalize_map",
+    "overlay_heatmap",
+    "render_panel",
+]

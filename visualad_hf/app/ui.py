@@ -60,23 +60,12 @@ class ModelFacts:
         )
 
 
-def load_detector(model: str, device: str = "cpu"):
-    """The anomaly-detection pipeline for a model folder or Hub id, or a one-line `VisualADError` saying what to do."""
-    import visualad_hf  # noqa: F401  (registers the task)
-    from transformers import pipeline
+def load_detector(model: str, device: str = "auto"):
+    """The anomaly-detection pipeline for a model folder or Hub id (`visualad_hf.inference.build_detector`, the one
+    loader of the commands: every mistake is a one-line `VisualADError` saying what to do)."""
+    from ..inference import build_detector
 
-    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
-        raise VisualADError(
-            f"{model} is a folder without config.json, so not a model folder; pass a folder written by training, "
-            "`visualad convert` or `visualad demo` (demo_output/model)"
-        )
-    try:
-        return pipeline("anomaly-detection", model=model, device=device)
-    except (OSError, ValueError) as error:
-        raise VisualADError(
-            f"could not load the model {model!r}: {str(error).splitlines()[0][:300]}; pass a local model folder or "
-            "a Hub id that is in the cache (offline) or reachable"
-        ) from error
+    return build_detector(model, device=device)
 
 
 def _describe_calibration(calibration: dict | None) -> str:

@@ -83,42 +83,20 @@ def add_output(
 
 
 def parse_device(value: str) -> str:
-    """`auto`, `cpu`, `cuda`, `cuda:N` or `mps`, checked against this machine (argparse `type=`)."""
+    """`auto`, `cpu`, `cuda`, `cuda:N` or `mps`, checked against this machine (argparse `type=`).
+
+    `auto` and `cpu` are returned as they are, without importing torch; anything else is checked by
+    `visualad_hf.inference.resolve_device`, the one place that knows what this machine has.
+    """
     name = value.strip().lower()
-    if name in ("gpu", "cuda:gpu"):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a device name; use cuda (or cuda:0, cuda:1, ...) or cpu")
-    if name == "auto" or name == "cpu":
+    if name in ("auto", "cpu"):
         return name
-    import torch
+    from visualad_hf.inference.loading import DeviceError, resolve_device
 
-    if name == "mps":
-        if not torch.backends.mps.is_available():
-            raise argparse.ArgumentTypeError("mps was asked for but this machine has no usable Apple GPU; use cpu")
-        return name
-    if name == "cuda" or name.startswith("cuda:"):
-        index = name.partition(":")[2]
-        if index and not index.isdigit():
-            raise argparse.ArgumentTypeError(f"{value!r} is not a device name; use cuda:N with a number N")
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(
-                f"{value} was asked for but no CUDA GPU is visible to PyTorch (torch {torch.__version__}, "
-                f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu, or install a CUDA build of PyTorch"
-            )
-        if index and int(index) >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(
-                f"{value} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-        return name
-    raise argparse.ArgumentTypeError(f"unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps")
-
-
-def resolve_device(name: str | None) -> str:
-    """The device `auto` (or None) stands for on this machine: cuda when visible, else cpu."""
-    if name in (None, "auto"):
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    try:
+        return resolve_device(name)
+    except DeviceError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_device(parser: argparse.ArgumentParser, *, default: str = "auto", cpu_alias: bool = False) -> None:
@@ -142,9 +120,9 @@ def add_dtype(parser: argparse.ArgumentParser, *, default: str = "float32", help
 
 def torch_dtype(name: str):
     """The torch dtype of a `--dtype` value."""
-    import torch
+    from visualad_hf.inference.loading import resolve_dtype
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return resolve_dtype(name)
 
 
 def add_batch_size(parser: argparse.ArgumentParser, *, default: int = 8) -> None:
@@ -174,6 +152,5 @@ __all__ = [
     "add_output",
     "parse_device",
     "positive_int",
-    "resolve_device",
     "torch_dtype",
 ]

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ._flags import add_device, add_model, add_option, positive_int, resolve_device
+from ._flags import add_device, add_model, add_option, positive_int
 
 DEMO_MODEL = Path("demo_output") / "model"
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from visualad_hf.app.ui import offline_theme
 
     require_gradio()
-    app = build_app(load_detector(args.model, device=resolve_device(args.device)), args.model)
+    app = build_app(load_detector(args.model, device=args.device), args.model)
     print(f"Serving {args.model} on http://{args.host}:{args.port} (Ctrl+C to stop)")
     app.launch(
         server_name=args.host, server_port=args.port, max_file_size=args.max_file_size, theme=offline_theme(),
