@@ -257,7 +257,7 @@ def test_detect_on_exported_folder_writes_the_same_results(folders, tmp_path):
                 "--model",
                 str(folder),
                 str(images),
-                "--out",
+                "--output",
                 str(tmp_path / name),
                 "--device",
                 "cpu",

@@ -22,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model(parser, help="VisualAD model folder or Hub id to export (a trained or converted model).")
     add_output(parser, help="Folder to write the exported graph, config, preprocessor and README into.")
     parser.add_argument(
-        "--format", default="onnx", choices=FORMAT_CHOICES, help="onnx (ONNX Runtime, default) or openvino (OpenVINO IR)."
+        "--format",
+        default="onnx",
+        choices=FORMAT_CHOICES,
+        help="onnx (ONNX Runtime, default) or openvino (OpenVINO IR).",
     )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18..23 (default 18).")
     parser.add_argument(
@@ -35,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Fix the batch size to N (1 when N is omitted); default: dynamic batch.",
     )
     parser.add_argument(
-        "--quantize", default=None, choices=("int8",), help="int8: ONNX Runtime dynamic quantisation of the weights (smaller, faster)."
+        "--quantize",
+        default=None,
+        choices=("int8",),
+        help="int8: ONNX Runtime dynamic quantisation of the weights (smaller, faster).",
     )
     parser.add_argument(
         "--no-check", action="store_true", help="Skip running the exported graph against the PyTorch model."

@@ -24,7 +24,7 @@ from .errors import (
 )
 from .exporter import DEFAULT_OPSET, QUANTIZATIONS, ExportResult, export_model
 from .manifest import MANIFEST_NAME, ExportManifest, is_exported_folder
-from .runtime import FORMATS, ExportedVisualADModel, ExportedVisualADOutput, load_exported
+from .runtime import FORMATS, ExportedVisualADModel, ExportedVisualADOutput, load_exported, load_exported_for_inference
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -45,4 +45,5 @@ __all__ = [
     "export_model",
     "is_exported_folder",
     "load_exported",
+    "load_exported_for_inference",
 ]

@@ -182,6 +182,7 @@ class ExportedVisualADModel:
         session = open_session(folder, manifest, providers, num_threads, openvino_device)
         runner = cls(folder, manifest, config, session)
         runner._check_graph_input(session.input_shape)
+        runner.image_processor = processor
         return runner
 
     def _check_graph_input(self, shape: tuple) -> None:
@@ -286,10 +287,19 @@ def load_exported(folder: str | os.PathLike, **kwargs: Any) -> ExportedVisualADM
     return ExportedVisualADModel.from_pretrained(folder, **kwargs)
 
 
+def load_exported_for_inference(folder: str | os.PathLike, device: str = "cpu", **kwargs: Any):
+    """The runner and the folder's image processor as `visualad_hf.inference.loading.build_detector` takes them."""
+    from ..inference.loading import InferenceModel
+
+    runner = ExportedVisualADModel.from_pretrained(folder, **kwargs).to(device)
+    return InferenceModel(runner, runner.image_processor, device)
+
+
 __all__ = [
     "FORMATS",
     "ExportedVisualADModel",
     "ExportedVisualADOutput",
     "NotAnExportedFolderError",
     "load_exported",
+    "load_exported_for_inference",
 ]
