@@ -17,11 +17,11 @@ from collections.abc import Sequence
 
 # name -> (module, one-line help). Keep in the order a newcomer meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("visualad_hf.demo", "Offline end to end: synthetic benchmark -> train a tiny model -> evaluate -> overlays."),
-    "synthetic": ("visualad_hf.data.synthetic", "Write the synthetic zero-shot benchmark (MVTec layout) to a folder."),
+    "demo": ("visualad_hf.commands.demo", "Offline end to end: synthetic benchmark -> train a tiny model -> evaluate -> overlays."),
+    "synthetic": ("visualad_hf.commands.synthetic", "Write the synthetic zero-shot benchmark (MVTec layout) to a folder."),
     "detect": ("visualad_hf.commands.detect", "Score images/folders: overlay panels plus results.csv/json."),
     "calibrate": ("visualad_hf.commands.calibrate", "Set a model's decision threshold from normal (or labelled) images."),
-    "evaluate": ("visualad_hf.evaluation", "Evaluate a model on a benchmark: per-category metrics table, files, figures."),
+    "evaluate": ("visualad_hf.commands.evaluate", "Evaluate a model on a benchmark: per-category metrics table, files, figures."),
     "convert": ("visualad_hf.commands.convert", "Convert the authors' released VisualAD checkpoint (CLIP.pth) to a model folder."),
     "export": ("visualad_hf.commands.export", "Export a model to ONNX / OpenVINO (optionally int8) to run without PyTorch."),
     "app": ("visualad_hf.commands.app", "Serve the web app (Gradio) around a model, or write a Hugging Face Space."),

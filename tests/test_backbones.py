@@ -345,6 +345,17 @@ def test_trainable_parameters_at_vit_l_shape(name, vision):
     assert sum(p.numel() for p in model.final_layernorm.parameters()) == 2048
 
 
+def test_trainable_parameters_of_the_radio_config_backbone():
+    """radio_visa.yaml's C-RADIOv4-H is ViT-H/16 (width 1280, 32 layers): the count grows with the width (SCA and
+    SAF are d x d per feature layer), 47,267,860 with its 4 feature layers."""
+    vision = FAMILIES["radio"].vision_config(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
+                                             mlp_ratio=4.0, num_cls_tokens=3, num_registers=7)
+    config = VisualADConfig(vision_config=vision, feature_layers=[8, 16, 24, 32])
+    with torch.device("meta"):
+        model = VisualADModel(config)
+    assert model.num_parameters(only_trainable=True) == 47_267_860
+
+
 # --- model card -------------------------------------------------------------------------------------------------
 
 

@@ -675,3 +675,55 @@ def test_readme_table_lists_every_dataset():
     section = readme.split("<!-- section: datasets -->")[1].split("<!-- /section: datasets -->")[0]
     rows = {line.split("|")[1].strip().strip("`") for line in section.splitlines() if line.startswith("| `")}
     assert rows == set(DATASETS)
+
+
+def test_non_utf8_file_names_are_refused_by_name(tmp_path):
+    import os
+
+    tree = Tree(tmp_path)
+    tree.image("ok/0.png")
+    tree.image("bad/1.png")
+    raw = os.path.join(os.fsencode(tmp_path), b"bad", b"caf\xe9.png")  # Latin-1 "café": not valid UTF-8
+    Image.new("RGB", (SIZE, SIZE)).save(os.fsdecode(raw))
+    with pytest.raises(DatasetLayoutError, match=r"bad/caf\\xe9\.png is not valid UTF-8.*rename it"):
+        load_anomaly_dataset("folder", tmp_path, normal_dir="ok", abnormal_dir="bad", cache_dir=tmp_path / "cache")
+
+
+def test_links_and_fifos_the_scan_cannot_read_are_reported(tmp_path):
+    import os
+
+    tree = Tree(tmp_path)
+    for k in range(2):
+        tree.image(f"ok/{k}.png")
+    tree.image("bad/0.png")
+    os.symlink("missing.png", tmp_path / "bad" / "dangling.png")
+    os.symlink("loop.png", tmp_path / "bad" / "loop.png")
+    os.mkfifo(tmp_path / "bad" / "pipe.png")
+    with pytest.warns(UserWarning, match="skipped 3 entries") as caught:
+        samples = scan_dataset("folder", tmp_path, normal_dir="ok", abnormal_dir="bad")
+    message = str(caught[0].message)
+    for text in ("bad/dangling.png (dangling symbolic link)", "bad/loop.png (symbolic link loop)", "bad/pipe.png (FIFO)"):
+        assert text in message
+    assert [s.image for s in samples] == ["bad/0.png", "ok/0.png", "ok/1.png"]
+
+    mvtec = tmp_path / "mvtec"
+    Tree(mvtec).image("bottle/test/good/000.png")
+    os.symlink("gone", mvtec / "cable")  # a category folder that is a dangling link
+    with pytest.warns(UserWarning, match=r"cable \(dangling symbolic link\)"):
+        assert len(scan_dataset("mvtec", mvtec)) == 1
+
+
+def test_one_table_of_display_names():
+    from visualad_hf.data import display_name
+    from visualad_hf.model_card import BACKBONES, TRAINING_SETS
+    from visualad_hf.trainer import DataArguments
+
+    assert display_name("mvtec") == "MVTec-AD" and display_name("MVTec_AD") == "MVTec-AD"
+    assert display_name("kvasir") == dataset_spec("kvasir").title  # no paper spelling: the title
+    assert display_name("synthetic benchmark (target families)") == "synthetic benchmark (target families)"
+    names = {spec.display_name for spec in DATASETS.values()}
+    for facts in BACKBONES.values():  # the paper's table rows name registry datasets
+        assert set(facts.paper_results) <= names, set(facts.paper_results) - names
+    assert {key: name for key, (name, _) in TRAINING_SETS.items()} == {k: display_name(k) for k in TRAINING_SETS}
+    args = DataArguments(train_dataset="visa", train_data_dir="x", eval_dataset="btad", eval_data_dir="y")
+    assert (args.display_name("train"), args.display_name("eval")) == ("VisA", "BTAD")

@@ -20,8 +20,9 @@ def test_demo_end_to_end_offline_and_training_helps(tmp_path, capsys):
 
     assert (out / "synthetic" / "benchmark.json").is_file()
     overlays = sorted((out / "overlays").glob("*.png"))
-    assert len(overlays) == 12  # 3 panels for each of the 4 target families
+    assert len(overlays) == 16  # per target family: a normal image and one of each of the 3 defect types
     assert {p.name.split("_")[0] for p in overlays} == {"checker", "cloud", "ring", "capsule"}
+    assert {p.name.split("_")[1] for p in overlays} == {"good", "scratch", "hole", "stain"}
     assert (out / "model" / "README.md").is_file()
 
     from visualad_hf import VisualADModel

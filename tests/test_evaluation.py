@@ -16,7 +16,8 @@ from PIL import Image
 from visualad_hf import VisualADModel
 from visualad_hf.cli import main as cli_main
 from visualad_hf.data import generate_synthetic_benchmark, load_anomaly_dataset
-from visualad_hf.evaluation import _batch_aligned_shard, dataset_flags, evaluate_benchmark, evaluate_model
+from visualad_hf.evaluation import dataset_flags, evaluate_benchmark, evaluate_model
+from visualad_hf.evaluation.runner import batch_aligned_shard
 from visualad_hf.image_processing_visualad import VisualADImageProcessor
 from visualad_hf.metrics import image_metrics, pixel_metrics
 
@@ -117,7 +118,7 @@ def test_unreadable_images_are_reported_and_left_out(tmp_path, workspace):
 
     bench = tmp_path / "bench"
     shutil.copytree(workspace["root"] / "bench", bench)
-    broken = sorted((bench / "nut" / "test" / "hole").glob("*.png"))[0]
+    broken = min((bench / "nut" / "test" / "hole").glob("*.png"))
     broken.write_bytes(b"not a png")
     result = evaluate_benchmark(
         workspace["model"], None, "mvtec", bench, categories=["nut"], cache_dir=tmp_path / "cache",
@@ -131,7 +132,7 @@ def test_unreadable_images_are_reported_and_left_out(tmp_path, workspace):
 
 def test_batch_aligned_shards_cover_the_dataset_in_order():
     for rows, batch, world in [(10, 3, 2), (7, 4, 3), (2, 8, 2), (9, 1, 4)]:
-        shards = [_batch_aligned_shard(rows, batch, rank, world) for rank in range(world)]
+        shards = [batch_aligned_shard(rows, batch, rank, world) for rank in range(world)]
         assert [i for shard in shards for i in shard] == list(range(rows))
         assert all(shard.start % batch == 0 for shard in shards if len(shard))
 
@@ -168,9 +169,9 @@ def test_two_processes_equal_one(workspace, tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--num_cpu_threads_per_process", "1",
-        str(REPO / "training" / "evaluate.py"), *common, "--out", str(tmp_path / "two"),
+        str(REPO / "training" / "evaluate.py"), *common, "--output", str(tmp_path / "two"),
     ]
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert cli_main(["evaluate", *common, "--out", str(tmp_path / "one")]) == 0
 
@@ -182,3 +183,89 @@ def test_two_processes_equal_one(workspace, tmp_path):
         assert (tmp_path / "two" / "figures" / f"{category}.png").read_bytes() == (
             tmp_path / "one" / "figures" / f"{category}.png"
         ).read_bytes()
+
+
+def test_anomalous_images_without_a_mask_are_left_out_of_the_pixel_metrics(workspace, tmp_path, capsys):
+    import shutil
+
+    bench = tmp_path / "bench"
+    shutil.copytree(workspace["root"] / "bench", bench)
+    meta = json.loads((bench / "meta.json").read_text())
+    record = next(r for r in meta["test"]["nut"] if r["anomaly"] == 1)
+    record["mask_path"] = ""  # an AnomalyCLIP-style record: anomalous, but no mask
+    (bench / "meta.json").write_text(json.dumps(meta))
+    dataset = load_anomaly_dataset("meta_json", bench, cache_dir=tmp_path / "cache")
+    model = workspace["model"]
+    with pytest.warns(UserWarning, match=r"1 anomalous image\(s\) have no ground-truth mask.*" + record["img_path"]):
+        result = evaluate_model(model, None, dataset, batch_size=4, num_figure_samples=2, progress=False)
+    assert result.info["pixel_metrics_excluded"] == [record["img_path"]]
+
+    # pixel metrics: as if the image were not there; image metrics: with it
+    without = dataset.filter(lambda row: row["image_path"] != record["img_path"])
+    expected_pixels = evaluate_model(model, None, without, batch_size=4, num_figure_samples=0, progress=False)
+    expected_images = evaluate_model(
+        model, None, dataset, batch_size=4, num_figure_samples=0, progress=False, pixel_metrics=False
+    )
+    for category in CATEGORIES:
+        for name, value in result.per_category[category].items():
+            reference = expected_pixels if name.startswith("pixel_") else expected_images
+            assert value == reference.per_category[category][name], (category, name)
+    assert result.metrics.num_images["nut"] == 7 and len(result.per_image) == len(dataset)
+
+    args = ["evaluate", "--model", str(workspace["root"] / "model"), "--dataset", "meta_json", "--data-dir", str(bench),
+            "--num-workers", "0", "--figures", "0", "--quiet", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert cli_main(args) == 0
+    err = capsys.readouterr().err
+    assert "left out of the pixel metrics" in err and record["img_path"] in err
+
+
+def test_figures_share_one_stated_colour_range(workspace, tmp_path):
+    from visualad_hf.visualization import colorize
+
+    result = evaluate_model(workspace["model"], None, workspace["dataset"], batch_size=4, num_figure_samples=2,
+                            progress=False, figure_value_range=(-1.0, 2.0))  # fmt: skip
+    assert result.info["figure_value_range"] == [-1.0, 2.0]
+    default = evaluate_model(workspace["model"], None, workspace["dataset"], batch_size=4, num_figure_samples=2,
+                             progress=False)  # fmt: skip
+    low, high = default.info["figure_value_range"]
+    assert low < high and len(default.figures) == len(CATEGORIES)
+    # the colour bar sits right of the tiles: the top of the scale (dark red) and the bottom (dark blue) appear there
+    figure = np.asarray(default.figures["grain"])
+    right = figure[:, -figure.shape[1] // 4 :].reshape(-1, 3)
+    for end in (1.0, 0.0):
+        colour = colorize(np.array([[end]], np.float32), (0.0, 1.0))[0, 0]
+        assert (np.abs(right.astype(int) - colour).sum(axis=1) <= 12).any(), end
+
+
+def test_before_category_hook_runs_once_per_category_and_changes_nothing(workspace):
+    model, dataset = workspace["model"], workspace["dataset"]
+    seen = []
+    hooked = evaluate_model(model, None, dataset, batch_size=5, num_figure_samples=0, progress=False,
+                            before_category=seen.append)  # fmt: skip  (batches of 5 span both categories)
+    plain = evaluate_model(model, None, dataset, batch_size=5, num_figure_samples=0, progress=False)
+    assert seen == list(CATEGORIES)
+    assert hooked.per_category == plain.per_category
+    assert [r["score"] for r in hooked.per_image] == pytest.approx([r["score"] for r in plain.per_image], abs=1e-6)
+
+
+def test_cli_flags_old_spellings_and_model_mistakes(workspace, tmp_path, capsys):
+    root = workspace["root"]
+    common = ["--dataset", "mvtec", "--data-dir", str(root / "bench"), "--categories", "nut", "--num-workers", "0",
+              "--figures", "0", "--quiet", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert cli_main(["evaluate", "--model", str(root / "model"), *common, "--out", str(tmp_path / "o"), "--cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "--out is deprecated" in err and "--cpu is deprecated" in err
+    assert (tmp_path / "o" / "metrics.json").is_file()
+
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    for model, message in [(not_a_model, "is not a model folder"), (tmp_path / "missing" / "m", "no such model folder")]:
+        assert cli_main(["evaluate", "--model", str(model), *common]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+
+
+def test_python_m_entry_runs_the_command():
+    done = subprocess.run([sys.executable, "-m", "visualad_hf.evaluation", "--help"], capture_output=True, text=True,
+                          timeout=300, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 0 and "usage: python -m visualad_hf.evaluation" in done.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -71,7 +73,7 @@ def regions_of(masks: np.ndarray) -> list[tuple[int, np.ndarray]]:
 
 def area_to(points: list[tuple[float, float]], limit: float) -> float:
     area = 0.0
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x0 >= limit:
             break
         if x1 > limit:
@@ -93,8 +95,10 @@ def reference_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> 
     return area_to(points, limit) / limit
 
 
-def classic_aupro_loop(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3, steps: int = 200) -> float:
-    """The AnomalyCLIP-style 200-threshold loop, written plainly."""
+def classic_aupro_loop(
+    maps: np.ndarray, masks: np.ndarray, limit: float = 0.3, steps: int = 200, *, by_max_only: bool = False
+) -> float:
+    """AnomalyCLIP's `cal_pro_score` as SPEC §7 states it, written plainly (skimage regions, a Python loop)."""
     low, high = maps.min(), maps.max()
     delta = (high - low) / steps
     fprs, pros = [], []
@@ -109,7 +113,10 @@ def classic_aupro_loop(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3, 
         pros.append(np.mean(per_region))
     fprs, pros = np.array(fprs), np.array(pros)
     keep = fprs < limit
-    return auc(fprs[keep] / fprs[keep].max(), pros[keep])
+    fprs, pros = fprs[keep], pros[keep]
+    if by_max_only:  # what the first release did instead
+        return auc(fprs / fprs.max(), pros)
+    return auc((fprs - fprs.min()) / (fprs.max() - fprs.min()), pros)
 
 
 # --------------------------------------------------------------------------------------------------- image-level
@@ -219,6 +226,50 @@ def test_classic_aupro_equals_the_loop(seed, levels):
     assert pixel_metrics(maps, masks, aupro_method="classic")["aupro"] == pytest.approx(expected, abs=1e-12)
 
 
+def normal_pixels_above_anomalous(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Maps where some normal pixels score above every anomalous one: the lowest kept FPR is then above 0, which is
+    where `(f - fmin) / (fmax - fmin)` and `f / fmax` disagree."""
+    maps, masks = maps_and_masks(seed, n=4, size=16, levels=None)
+    rng = np.random.default_rng(seed)
+    hot = ~masks & (rng.random(masks.shape) < 0.1)  # 10 % of the normal pixels: above every anomalous score
+    maps = np.where(hot, maps.max() + 1.0, maps).astype(np.float32)
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_classic_aupro_rescales_by_the_smallest_and_largest_kept_fpr(seed):
+    maps, masks = normal_pixels_above_anomalous(seed)
+    assert maps[~masks].max() > maps[masks].max()
+    expected = classic_aupro_loop(maps, masks)
+    assert aupro(maps, masks, method="classic") == pytest.approx(expected, abs=1e-12)
+    # the formula the first release used (divide by the largest kept FPR) gives another number on such maps
+    assert abs(classic_aupro_loop(maps, masks, by_max_only=True) - expected) > 0.05
+
+
+def test_classic_aupro_undefined_when_every_kept_fpr_is_equal():
+    # Two anomalous pixels, normal pixels at 0 and 1: every threshold below the top has FPR 0.5, above none kept.
+    maps = np.array([[[0.0, 1.0], [0.5, 0.5]]], np.float32)
+    masks = np.array([[[0, 0], [1, 1]]], bool)
+    assert pixel_metrics(maps, masks, aupro_method="classic", fpr_limit=0.6)["aupro"] is None
+    with pytest.raises(ValueError, match="fmax - fmin"):
+        aupro(maps, masks, fpr_limit=0.6, method="classic")
+
+
+def test_metrics_stay_in_the_unit_interval_and_zero_is_not_negative():
+    # A perfect ranking of 9 distinct positives: the recall steps sum to 1 + 2e-16 in floating point.
+    scores, labels = np.r_[np.arange(9) + 10.0, np.zeros(3)], np.r_[np.ones(9), np.zeros(3)]
+    assert average_precision(scores, labels) == 1.0
+    assert image_metrics(scores, labels)["ap"] == 1.0
+    # Anomalous pixels below every normal one: the classic AUPRO is 0 and must not come out as -0.0.
+    maps = np.array([[[0.0, 0.1], [0.5, 0.6]], [[0.7, 0.8], [0.9, 1.0]]], np.float32)
+    masks = np.array([[[1, 1], [0, 0]], [[0, 0], [0, 0]]], bool)
+    value = aupro(maps, masks, method="classic", fpr_limit=1.0)
+    assert value == 0.0 and np.copysign(1.0, value) == 1.0
+    metrics = AnomalyMetrics(aupro_method="classic", fpr_limit=1.0)
+    metrics.add_batch(anomaly_maps=maps, masks=masks)
+    assert "-0.0" not in metrics.compute().format_table()
+
+
 def test_pixel_metrics_edge_cases():
     maps, masks = maps_and_masks(0, n=3)
     empty = np.zeros_like(masks)
@@ -292,6 +343,44 @@ def test_merged_shards_equal_one_accumulator_bit_for_bit():
     second.add_batch(scores[:9], labels[:9], maps[:9], masks[:9], categories[:9].tolist())
     merged = second.merge(first).compute(categories=whole.categories)
     assert merged.per_category == whole.compute().per_category
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_merge_copies_so_the_states_stay_independent(tmp_path, spill):
+    maps, masks, labels, scores, categories = benchmark_batches(2)
+    names = categories.tolist()
+
+    def shard(part, folder):
+        metrics = AnomalyMetrics(storage_dir=folder if spill else None)
+        metrics.add_batch(scores[part], labels[part], maps[part], masks[part], names[part])
+        return metrics
+
+    first, second = shard(slice(0, 9), tmp_path / "a"), shard(slice(9, 18), tmp_path / "b")
+    whole = shard(slice(0, 18), tmp_path / "c").compute().per_category
+    merged = AnomalyMetrics(storage_dir=tmp_path / "m" if spill else None).merge(first).merge(second)
+    # later changes to the merged-in objects, even deleting their spilled files, leave the merge unchanged
+    second.add_batch(scores[:3], labels[:3], maps[:3], masks[:3], names[:3])
+    first.reset()
+    second.reset()
+    assert merged.compute(categories=list(whole)).per_category == whole
+    # and adding to the merged object leaves the others alone
+    extra = shard(slice(0, 9), tmp_path / "d")
+    before = extra.compute().per_category
+    AnomalyMetrics().merge(extra).add_batch(scores[9:], labels[9:], maps[9:], masks[9:], names[9:])
+    assert extra.compute().per_category == before
+
+
+def test_a_bad_batch_stores_nothing():
+    maps, masks, labels, scores, _ = benchmark_batches()
+    metrics = AnomalyMetrics()
+    metrics.add_batch(scores[:4], labels[:4], maps[:4], masks[:4], categories="a")
+    before = metrics.compute().per_category
+    broken = maps[4:8].copy()
+    broken[3, 0, 0] = np.nan  # only the last image, of the second category, is bad
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.add_batch(scores[4:8], labels[4:8], broken, masks[4:8], categories=["a", "a", "a", "b"])
+    assert metrics.categories == ["a"] and len(metrics) == 4
+    assert metrics.compute().per_category == before
 
 
 def test_accumulator_modes_and_errors():

@@ -43,8 +43,10 @@ def test_trained_card_metadata_and_model_index_roundtrip(tmp_path):
     )
     loaded = _roundtrip(card, tmp_path)
     data = loaded.data
-    assert data.library_name == "transformers" and data.pipeline_tag == "image-segmentation"
-    assert {"anomaly-detection", "zero-shot-anomaly-detection", "visualad", "clip"} <= set(data.tags)
+    # The Hub's own snippet: "other" is no transformers pipeline task, so it shows AutoImageProcessor + AutoModel,
+    # and custom_code makes it add trust_remote_code=True (the folder carries its code).
+    assert data.library_name == "transformers" and data.pipeline_tag == "other"
+    assert {"anomaly-detection", "zero-shot-anomaly-detection", "visualad", "clip", "custom_code"} <= set(data.tags)
     assert data.base_model == "openai/clip-vit-large-patch14-336" and data.license == "mit"
     assert data.metrics == ["image_auroc", "image_f1_max", "image_ap", "pixel_auroc", "pixel_aupro"]
     values = {(r.dataset_name, r.metric_type): r.metric_value for r in data.eval_results}
@@ -64,6 +66,9 @@ def test_trained_card_metadata_and_model_index_roundtrip(tmp_path):
     assert "| learning_rate_tokens | 0.001 |" in text and "| seed | 111 |" in text
     assert "labelled test split of VisA" in text
     assert 'pipeline("anomaly-detection", model="me/visualad-clip")' in text
+    assert 'pipeline(model="me/visualad-clip", trust_remote_code=True)' in text
+    assert 'AutoModel.from_pretrained("me/visualad-clip", trust_remote_code=True)' in text
+    assert 'pip install "transformers>=5.23,<6" torch pillow' in text
     assert "This model was trained with visualad-hf." in text
     assert "authors' released weights" not in text
 

@@ -13,6 +13,8 @@ from visualad_hf.cli import main as cli_main
 from visualad_hf.data import SyntheticBenchmark, generate_synthetic_benchmark, load_anomaly_dataset, load_mask
 from visualad_hf.data.synthetic import DEFECT_TYPES, FAMILIES, render_sample
 
+REPO = Path(__file__).resolve().parents[1]
+
 SMALL = {"image_size": 48, "num_train": 1, "num_test_normal": 2, "num_test_anomalous": 4}
 
 
@@ -139,7 +141,9 @@ def test_cli_writes_the_benchmark(tmp_path, capsys):
         "hole,stain",
     ]
     assert cli_main(args) == 0
-    assert "target (evaluate on): ring" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "target (evaluate on): ring" in printed.out
+    assert "--out is deprecated" in printed.err and "use --output" in printed.err  # the old spelling still works
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
         "ring/ground_truth/hole/000_mask.png",
         "ring/ground_truth/stain/000_mask.png",
@@ -152,3 +156,24 @@ def test_cli_writes_the_benchmark(tmp_path, capsys):
         "stripes/test/hole/000.png",
         "stripes/test/stain/000.png",
     ]
+    assert cli_main(["synthetic", "--output", str(tmp_path / "cli"), "--target", "carpet"]) == 2
+    assert "unknown synthetic category 'carpet'" in capsys.readouterr().err  # one line, no traceback
+
+
+def test_one_split_everywhere(tmp_path):
+    """`visualad synthetic`'s default target side is what the demo and the tiny config evaluate on."""
+    import yaml
+
+    from visualad_hf.data.synthetic import DEFAULT_AUXILIARY, DEFAULT_TARGET
+    from visualad_hf.demo import TINY_CONFIG
+
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    assert tuple(config["train_categories"]) == DEFAULT_AUXILIARY
+    assert tuple(config["eval_categories"]) == DEFAULT_TARGET
+    assert (REPO / "training" / "configs" / "synthetic_tiny.yaml").resolve() == TINY_CONFIG.resolve()
+
+    assert cli_main(["synthetic", "--output", str(tmp_path / "bench"), "--num-train", "0", "--num-normal", "1",
+                 "--num-anomalous", "1"]) == 0  # fmt: skip
+    bench = SyntheticBenchmark.from_dir(tmp_path / "bench")
+    assert set(bench.load("target", cache_dir=tmp_path / "cache")["category"]) == set(config["eval_categories"])
+    assert set(bench.load("auxiliary", cache_dir=tmp_path / "cache")["category"]) == set(config["train_categories"])

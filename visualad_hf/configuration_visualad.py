@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Any, Literal, get_args
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .backbones import TABLE_INTERPOLATIONS, BackboneAdapter, backbone_adapter
+from .errors import VisualADError
+from .remote_code import PIPELINE_TASK, with_auto_map, write_remote_code
 
-SAF_TYPES = ("mlp", "linear", "mlp_residual", "adapter", "leakyrelu")
+SafType = Literal["mlp", "linear", "mlp_residual", "adapter", "leakyrelu"]
+SAF_TYPES: tuple[str, ...] = get_args(SafType)
 POSITION_INTERPOLATION_MODES = TABLE_INTERPOLATIONS
 
 # CLIP ViT-L/14@336px, the backbone of the released checkpoint (SPEC §1).
@@ -25,6 +31,16 @@ CLIP_VIT_L14_336 = {
     "layer_norm_eps": 1e-5,
     "projection_dim": 768,
 }
+
+
+def _task_registered_by_this_code() -> bool:
+    """Whether the "anomaly-detection" task is registered, by the package this module belongs to."""
+    impl = PIPELINE_REGISTRY.supported_tasks.get(PIPELINE_TASK, {}).get("impl")
+    return impl is not None and impl.__module__.rpartition(".")[0] == __name__.rpartition(".")[0]
+
+
+class VisualADConfigError(VisualADError, ValueError):
+    """A `VisualADConfig` setting that cannot work; the message names the setting and a value that does."""
 
 
 @strict
@@ -100,7 +116,7 @@ class VisualADConfig(PreTrainedConfig):
     max_patches: int = 1536
     sca_dropout: float = 0.1
     res_scale_init: float = 0.01
-    saf_type: Literal["mlp", "linear", "mlp_residual", "adapter", "leakyrelu"] | str = "mlp"
+    saf_type: SafType = "mlp"
     saf_hidden_size: int | None = None
     saf_dropout: float = 0.1
     topk_ratio: float = 0.01
@@ -126,7 +142,47 @@ class VisualADConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, [float(v) for v in value])
-        self._validate_visualad()
+        if _task_registered_by_this_code():
+            # `import visualad_hf` registered the task with this very code: the installed pipeline serves it, not the
+            # folder's copy (transformers would otherwise insist on trust_remote_code for a folder that names its own
+            # pipeline). Code loaded from a folder keeps the entry, so `pipeline(model=folder, trust_remote_code=True)`
+            # still finds its task there. `to_dict` writes the entry back.
+            custom = dict(getattr(self, "custom_pipelines", None) or {})
+            if custom.pop(PIPELINE_TASK, None) is not None:
+                self.custom_pipelines = custom
+        # The `validate_*` methods also run right after this (and whenever the config is saved); running them here
+        # first raises their one-line VisualADConfigError rather than huggingface_hub's two-line wrapper of it.
+        for validator in type(self).__class_validators__:
+            validator(self)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> tuple[dict, dict]:
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            raise VisualADConfigError(
+                f"{pretrained_model_name_or_path}: its config.json describes a {model_type!r} model, which has no "
+                f"VisualAD heads; put fresh heads on that backbone with "
+                f"VisualADModel.from_backbone({str(pretrained_model_name_or_path)!r}), or load a folder written by "
+                "VisualADModel.save_pretrained."
+            )
+        return config_dict, kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as saved: with the `auto_map` and `custom_pipelines` that make its folder self-contained."""
+        return with_auto_map(super().to_dict(), pipelines=True)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Save `config.json` and the model-side code it names in `auto_map` (see `visualad_hf.remote_code`).
+
+        The `validate_*` checks run first, so an invalid config is never written.
+        """
+        try:
+            self.validate()
+        except StrictDataclassClassValidationError as error:
+            raise (error.__cause__ if isinstance(error.__cause__, VisualADConfigError) else error) from None
+        write_remote_code(save_directory)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @property
     def backbone_adapter(self) -> BackboneAdapter:
@@ -163,55 +219,77 @@ class VisualADConfig(PreTrainedConfig):
         mean, std = self.backbone_adapter.normalization()
         return (self.image_mean or mean), (self.image_std or std)
 
-    def _validate_visualad(self) -> None:
-        adapter = self.backbone_adapter
-        depth = adapter.num_layers
+    # Invariants, as public `validate_*` methods: huggingface_hub's @strict runs them after __init__ and
+    # transformers runs them again in `save_pretrained`, so an invalid config is never written.
+
+    def validate_backbone(self) -> None:
+        self.backbone_adapter  # noqa: B018 - raises UnsupportedBackboneError, listing the supported families
+
+    def validate_feature_layers(self) -> None:
+        depth = self.backbone_adapter.num_layers
         if not self.feature_layers:
-            raise ValueError("feature_layers is empty: give at least one 1-indexed backbone layer, e.g. [6, 12, 18, 24].")
+            raise VisualADConfigError(
+                "feature_layers is empty: give at least one 1-indexed backbone layer, e.g. [6, 12, 18, 24]."
+            )
         bad = [layer for layer in self.feature_layers if not 1 <= layer <= depth]
         if bad:
-            raise ValueError(
+            raise VisualADConfigError(
                 f"feature_layers {bad} lie outside the backbone, which has layers 1..{depth} (1-indexed); "
                 f"choose feature_layers within that range."
             )
         if len(set(self.feature_layers)) != len(self.feature_layers):
-            raise ValueError(f"feature_layers {self.feature_layers} repeats a layer; list each layer once.")
-        if self.saf_type not in SAF_TYPES:
-            raise ValueError(f"saf_type={self.saf_type!r} is unknown; choose one of {SAF_TYPES}.")
+            raise VisualADConfigError(f"feature_layers {self.feature_layers} repeats a layer; list each layer once.")
+
+    def validate_heads(self) -> None:
+        if self.saf_type not in SAF_TYPES:  # the Literal type is checked on assignment; this covers dict edits
+            raise VisualADConfigError(f"saf_type={self.saf_type!r} is unknown; choose one of {SAF_TYPES}.")
+        if self.num_anchors < 1 or self.max_patches < 1:
+            raise VisualADConfigError(
+                f"num_anchors={self.num_anchors} and max_patches={self.max_patches} must be at least 1."
+            )
+
+    def validate_position_interpolation(self) -> None:
         mode = self.position_interpolation
         if mode is not None and mode not in POSITION_INTERPOLATION_MODES:
-            raise ValueError(
+            raise VisualADConfigError(
                 f"position_interpolation={mode!r} is unknown; choose one of {POSITION_INTERPOLATION_MODES} or None."
             )
+        adapter = self.backbone_adapter
         if mode is not None and mode not in adapter.position_interpolations:
-            raise ValueError(
+            raise VisualADConfigError(
                 f"position_interpolation={mode!r} does not apply to {adapter.card.family} backbones, whose positions "
                 f"only their own code computes; use one of {adapter.position_interpolations} or None."
             )
+
+    def validate_normalization(self) -> None:
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
             positive = name == "image_std"
             if value is not None and (len(value) != 3 or (positive and min(value) <= 0)):
-                raise ValueError(f"{name}={value} must hold 3 values (R, G, B){', all > 0' if positive else ''}.")
+                raise VisualADConfigError(
+                    f"{name}={value} must hold 3 values (R, G, B){', all > 0' if positive else ''}."
+                )
+
+    def validate_input_size(self) -> None:
         patch = self.patch_size
         if self.image_size <= 0 or self.image_size % patch:
-            raise ValueError(
+            raise VisualADConfigError(
                 f"image_size={self.image_size} is not a positive multiple of the backbone's patch size {patch}; "
                 f"use e.g. {max(1, round(self.image_size / patch)) * patch}."
             )
         num_patches = self.grid_size**2
         if num_patches > self.max_patches:
-            raise ValueError(
+            raise VisualADConfigError(
                 f"image_size={self.image_size} gives a {self.grid_size}x{self.grid_size} grid of {num_patches} patches, "
                 f"more than max_patches={self.max_patches}; lower image_size to at most "
                 f"{int(self.max_patches**0.5) * patch} or raise max_patches."
             )
+
+    def validate_scoring(self) -> None:
         if not 0 < self.topk_ratio <= 1:
-            raise ValueError(f"topk_ratio={self.topk_ratio} must lie in (0, 1].")
+            raise VisualADConfigError(f"topk_ratio={self.topk_ratio} must lie in (0, 1], e.g. 0.01 (the top 1 %).")
         if self.gaussian_sigma < 0:
-            raise ValueError(f"gaussian_sigma={self.gaussian_sigma} must be >= 0 (0 disables smoothing).")
-        if self.num_anchors < 1 or self.max_patches < 1:
-            raise ValueError("num_anchors and max_patches must be at least 1.")
+            raise VisualADConfigError(f"gaussian_sigma={self.gaussian_sigma} must be >= 0 (0 disables smoothing).")
 
 
-__all__ = ["VisualADConfig"]
+__all__ = ["VisualADConfig", "VisualADConfigError"]

@@ -14,7 +14,6 @@ DINOv2 (see the model cards for the paper's numbers).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
@@ -31,26 +30,10 @@ DEMO_BENCHMARK = {
     "defect_types": ("scratch", "hole", "stain"),
 }
 SMALL_BENCHMARK = {**DEMO_BENCHMARK, "num_test_normal": 4, "num_test_anomalous": 6}
-OVERLAYS_PER_CATEGORY = 3
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo_output", help="folder for the benchmark, model and overlays")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's epochs)")
-    parser.add_argument("--seed", type=int, default=None, help="training seed (default: the config's, 111)")
-    parser.add_argument(
-        "--small", action="store_true", help="a smaller benchmark (fewer images per category), for quick checks"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-
-
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run_demo(Path(args.out), steps=args.steps, seed=args.seed, small=args.small)
-    return 0 if result["gain"]["image_auroc"] is not None else 1
+DEFAULT_THREADS = 1
+"""torch CPU threads the demo uses by default. The tiny model's operations are too small to gain from more: on an
+idle 2-core machine 2 threads save a few seconds, but on a busy one every operation waits for the slower thread
+and the demo took 3x (load 3) to 30x (8 busy processes) longer. See benchmarks/README.md, "Offline demo"."""
 
 
 def run_demo(out: Path, *, steps: int | None = None, seed: int | None = None, small: bool = False) -> dict:
@@ -124,15 +107,16 @@ def run_demo(out: Path, *, steps: int | None = None, seed: int | None = None, sm
     return {"before": before.mean, "after": after.mean, "gain": gain, "overlays": overlays, "seconds": elapsed}
 
 
-def write_overlays(model_dir: Path, dataset, out_dir: Path, per_category: int = OVERLAYS_PER_CATEGORY) -> list[Path]:
-    """Panels (image | heatmap | overlay) of a few target images per category, scored by the pipeline loaded from
-    `model_dir`, with one colour scale for all panels so that they compare."""
+def write_overlays(model_dir: Path, dataset, out_dir: Path) -> list[Path]:
+    """Panels (image | heatmap | overlay) of target images, scored by the pipeline loaded from `model_dir`: per
+    category one normal image and one image of each defect type, with one colour scale for all panels so that
+    they compare."""
     from transformers import pipeline
 
     from .visualization import render_panel
 
     detector = pipeline("anomaly-detection", model=str(model_dir), device="cpu")
-    rows = _pick_rows(dataset, per_category)
+    rows = pick_overlay_rows(dataset)
     images = [dataset[index]["image"].convert("RGB") for index in rows]
     results = detector(images, batch_size=8)
     low = min(float(r["anomaly_map"].min()) for r in results)
@@ -149,22 +133,14 @@ def write_overlays(model_dir: Path, dataset, out_dir: Path, per_category: int = 
     return paths
 
 
-def _pick_rows(dataset, per_category: int) -> list[int]:
-    """One normal image and the first anomalous ones of each category, in dataset order."""
-    picked: dict[str, list[int]] = {}
-    normal_seen: set[str] = set()
-    for index, (category, label) in enumerate(zip(dataset["category"], dataset["label"])):
-        rows = picked.setdefault(category, [])
-        if len(rows) >= per_category:
-            continue
-        if label == 0:
-            if category in normal_seen:
-                continue
-            normal_seen.add(category)
-        elif len(rows) == per_category - 1 and category not in normal_seen:
-            continue  # keep the last slot for a normal image
-        rows.append(index)
-    return [index for rows in picked.values() for index in rows]
+def pick_overlay_rows(dataset) -> list[int]:
+    """Per category, in dataset order: the first normal image, then the first image of each defect type."""
+    picked: dict[tuple[str, str], int] = {}
+    for index, (category, defect) in enumerate(zip(dataset["category"], dataset["defect_type"])):
+        picked.setdefault((category, defect), index)
+    order = {category: i for i, category in enumerate(dict.fromkeys(dataset["category"]))}
+    keys = sorted(picked, key=lambda key: (order[key[0]], key[1] != "good", picked[key]))
+    return [picked[key] for key in keys]
 
 
 def _difference(after: float | None, before: float | None) -> float | None:
@@ -184,4 +160,4 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-__all__ = ["TINY_CONFIG", "run_demo", "write_overlays"]
+__all__ = ["DEFAULT_THREADS", "TINY_CONFIG", "pick_overlay_rows", "run_demo", "write_overlays"]

@@ -25,6 +25,7 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
+from .errors import VisualADError
 from .image_io import (
     BIT_DEPTH_SCALINGS,
     ImageLoadError,
@@ -35,9 +36,22 @@ from .image_io import (
     to_hw_or_hwc,
     to_pil_image,
 )
+from .remote_code import with_auto_map, write_remote_code
 from .scoring import gaussian_kernel1d, gaussian_smooth, topk_mean
 
 logger = logging.get_logger(__name__)
+
+
+class ImageProcessorSettingError(VisualADError, ValueError):
+    """An image-processor setting VisualAD cannot use (at construction or per call); the message says which."""
+
+
+def _check_convert_rgb(do_convert_rgb: bool | None) -> None:
+    if do_convert_rgb is False:
+        raise ImageProcessorSettingError(
+            "VisualAD models take RGB input; do_convert_rgb cannot be False (leave it unset: every image, including "
+            "grayscale, RGBA or 4-channel arrays, is converted to RGB after resizing)."
+        )
 
 
 class VisualADImageProcessorKwargs(ImagesKwargs, total=False):
@@ -106,15 +120,23 @@ class VisualADImageProcessor(PilBackend):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         if self.bit_depth_scaling not in BIT_DEPTH_SCALINGS:
-            raise ValueError(
+            raise ImageProcessorSettingError(
                 f"bit_depth_scaling={self.bit_depth_scaling!r} is unknown; choose one of {BIT_DEPTH_SCALINGS}."
             )
         if self.gaussian_sigma < 0 or not 0 < self.topk_ratio <= 1:
-            raise ValueError(
+            raise ImageProcessorSettingError(
                 f"gaussian_sigma={self.gaussian_sigma} must be >= 0 and topk_ratio={self.topk_ratio} in (0, 1]."
             )
-        if not self.do_convert_rgb:
-            raise ValueError("VisualAD models take RGB input; do_convert_rgb cannot be False.")
+        _check_convert_rgb(bool(self.do_convert_rgb))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The processor as saved, with the `auto_map` entry that lets AutoImageProcessor load its folder's code."""
+        return with_auto_map(super().to_dict(), classes=("AutoImageProcessor",))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """Save `preprocessor_config.json` and the model-side code (see `visualad_hf.remote_code`)."""
+        write_remote_code(save_directory)
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @classmethod
     def from_model_config(cls, config, **kwargs) -> VisualADImageProcessor:
@@ -142,6 +164,7 @@ class VisualADImageProcessor(PilBackend):
         return super().preprocess(images, masks, **kwargs)
 
     def _preprocess_image_like_inputs(self, images, masks=None, **kwargs) -> BatchFeature:
+        _check_convert_rgb(kwargs.get("do_convert_rgb"))
         image_list = as_image_list(images)
         if not image_list:
             raise ValueError("No images given.")

@@ -18,6 +18,7 @@ from transformers.image_utils import PILImageResampling
 
 from .backbones import BackboneCard, family_cards
 from .configuration_visualad import VisualADConfig
+from .data.registry import display_name
 from .metrics import METRIC_HEADERS, METRIC_NAMES, AnomalyMetricsResult
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "resources" / "model_card_template.md"
@@ -27,7 +28,13 @@ PAPER_URL = "https://arxiv.org/abs/2603.07952"
 AUTHORS_CODE_URL = "https://github.com/7HHHHH/VisualAD"
 TASK_TYPE = "image-segmentation"
 TASK_NAME = "Zero-shot anomaly detection"
-TAGS = ("anomaly-detection", "zero-shot-anomaly-detection", "visualad", "vision")
+# `custom_code` makes the Hub add `trust_remote_code=True` to its snippet (the folder carries its code,
+# `visualad_hf.remote_code`). The pipeline tag is "other" on purpose: for a transformers pipeline task the Hub shows
+# `pipeline("<task>", model=...)`, and no built-in task ("image-segmentation" included) runs VisualAD; under "other" it
+# shows the AutoImageProcessor + AutoModel snippet, which works. The task itself ("anomaly-detection") is this
+# package's own, named in config.json's custom_pipelines.
+PIPELINE_TAG = "other"
+TAGS = ("anomaly-detection", "zero-shot-anomaly-detection", "image-segmentation", "visualad", "vision", "custom_code")
 
 _METRIC_NAMES_LONG = {
     "image_auroc": "Image AUROC",
@@ -49,8 +56,11 @@ BACKBONES: dict[str, BackboneFacts] = family_cards()
 # Zero-shot protocol (SPEC §6): a model trained on VisA is evaluated on every other dataset, one trained on
 # MVTec-AD on VisA. Keys are what `visualad convert --training-data` accepts.
 TRAINING_SETS: dict[str, tuple[str, str]] = {
-    "visa": ("VisA", "the labelled test split of VisA (zero-shot protocol: the evaluation datasets are never seen)"),
-    "mvtec": ("MVTec-AD", "the labelled test split of MVTec-AD (zero-shot protocol: used when VisA is the target)"),
+    key: (display_name(key), f"the labelled test split of {display_name(key)} (zero-shot protocol: {why})")
+    for key, why in (
+        ("visa", "the evaluation datasets are never seen"),
+        ("mvtec", "used when VisA is the target"),
+    )
 }
 
 AnomalyResults = Union[Mapping[str, Any], AnomalyMetricsResult]
@@ -260,7 +270,7 @@ def create_model_card(
         base_model=base_model,
         **_license_metadata(facts),
         library_name="transformers",
-        pipeline_tag="image-segmentation",
+        pipeline_tag=PIPELINE_TAG,
         tags=[*TAGS, facts.tag],
         datasets=datasets,
         metrics=[m for m in METRIC_NAMES if any(m in row for row in results.values())] or None,

@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 from transformers.utils import logging as transformers_logging
+from transformers.utils.output_capturing import capture_outputs
 
 from .backbones import BackboneAdapter, backbone_adapter, layer_class_names, vision_config_of
 from .configuration_visualad import VisualADConfig
@@ -57,6 +59,16 @@ class VisualADOutput(ModelOutput):
             One map per feature layer on the patch grid, in the order of `config.feature_layers`.
         image_logits (`torch.FloatTensor` of shape `(batch_size,)`):
             Training-time image logit: mean of the top `topk_ratio` fraction of `anomaly_map`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+            The backbone's hidden states as VisualAD runs it: the input of its first layer (after the pre-norm, if
+            any), then the output of every layer, each of shape `(batch_size, 2 + num_prefix_tokens + num_patches,
+            hidden_size)`. The sequence is `[anomaly token, normal token, prefix tokens (CLS, registers), patches]`,
+            so the backbone's own outputs for the same image differ (its tokens attend to the two extra ones).
+            `output_hidden_states=[i, ...]` keeps only those indices (others are `None`).
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            Every backbone layer's attention weights, `(batch_size, num_heads, sequence_length, sequence_length)`
+            over the same sequence (the two tokens first). Only the eager attention implementation computes them
+            (load with `attn_implementation="eager"`); SDPA and flash attention return none.
     """
 
     loss: torch.FloatTensor | None = None
@@ -66,6 +78,8 @@ class VisualADOutput(ModelOutput):
     anomaly_map: torch.FloatTensor | None = None
     layer_anomaly_maps: torch.FloatTensor | None = None
     image_logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class VisualADTokens(nn.Module):
@@ -251,6 +265,9 @@ class VisualADPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
+    # VisualAD runs the backbone's layers itself: the backbone's own recorders (its `_can_record_outputs`, which
+    # transformers installs on the backbone's layers and attention modules) fill these; VisualAD adds none.
+    _can_record_outputs: ClassVar[dict[str, list]] = {"hidden_states": [], "attentions": []}
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -258,11 +275,14 @@ class VisualADPreTrainedModel(PreTrainedModel):
         # `set_attn_implementation` only concerns the backbone, which supports every backend it was loaded with.
         return True
 
-    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
-        # transformers skips, for code outside the library, modules without parameters of their own (e.g. the SAF
-        # MLP container), assuming their children were initialised. Our `_init_weights` initialises children from the
-        # container and only through guarded `init` functions (which never overwrite loaded tensors), so opt out.
-        super()._initialize_weights(module, is_custom_code=False)
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # For code outside the library transformers skips, when initialising missing weights, every module without
+        # parameters of its own (the SAF MLP container here, CLIPAttention/CLIPMLP in the backbone), assuming remote
+        # code writes parameters in place. VisualAD initialises only through transformers' guarded `init` functions
+        # (they never overwrite loaded tensors), so it is initialised as library code is: the backbone's tensors
+        # missing from a checkpoint then get the backbone's own `_init_weights` (CLIP's scaled std, not 0.02).
+        return False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -445,16 +465,19 @@ class VisualADModel(VisualADPreTrainedModel):
             )
         return height // patch, width // patch
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
         has_mask: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> VisualADOutput | tuple:
+        output_hidden_states: bool | list[int] | None = None,
+        output_attentions: bool | None = None,
+    ) -> VisualADOutput:
         r"""
+        Any other keyword argument is a TypeError (nothing is silently ignored); `return_dict=False` gives a tuple.
+
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
                 Images prepared by [`VisualADImageProcessor`]; height and width must be multiples of the patch size.
@@ -467,8 +490,10 @@ class VisualADModel(VisualADPreTrainedModel):
                 Which images' `masks` are known (bool; default all). An anomalous image without a ground-truth mask
                 has an unknown mask, not an all-normal one: it is left out of the segmentation loss and still counts
                 in the classification and contrastive losses (`VisualADCollator` sets this flag).
+            output_hidden_states (`bool` or `list[int]`, *optional*), output_attentions (`bool`, *optional*):
+                Also return the backbone's hidden states / attention weights over the sequence with the two tokens
+                (see [`VisualADOutput`]); default: the config's `output_hidden_states` / `output_attentions`.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         grid_height, grid_width = self._check_pixel_values(pixel_values)
         batch_size, _, height, width = pixel_values.shape
 
@@ -490,7 +515,7 @@ class VisualADModel(VisualADPreTrainedModel):
             loss_cls, loss_seg, loss_ctr = self._losses(upsampled, image_logits, deepest, labels, masks, has_mask)
             loss = sum(term for term in (loss_cls, loss_seg, loss_ctr) if term is not None)
 
-        output = VisualADOutput(
+        return VisualADOutput(
             loss=loss,
             loss_cls=loss_cls,
             loss_seg=loss_seg,
@@ -499,7 +524,6 @@ class VisualADModel(VisualADPreTrainedModel):
             layer_anomaly_maps=layer_anomaly_maps,
             image_logits=image_logits,
         )
-        return output if return_dict else output.to_tuple()
 
     def _losses(
         self,

@@ -55,6 +55,8 @@ class AnomalyDetectionPipeline(Pipeline):
     _load_image_processor = True
     _load_feature_extractor = False
     _load_tokenizer = False
+    # Not "if available": transformers would take the image processor's auto_map entry for a video processor's.
+    _load_video_processor = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -74,10 +76,12 @@ class AnomalyDetectionPipeline(Pipeline):
                 )
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Save the model (with its calibrated threshold) and the image processor.
+        """Save the model (with its calibrated threshold) and the image processor: a self-contained folder.
 
-        Unlike the base class for a registered custom task, no code is copied into the folder: the task comes from
-        the installed `visualad_hf` package (`import visualad_hf`), so the folder loads without `trust_remote_code`.
+        Their own `save_pretrained` write `auto_map`, `custom_pipelines` and the model-side code (this module
+        included, see `visualad_hf.remote_code`), so the folder loads with the installed package as it is and with
+        `pipeline(model=folder, trust_remote_code=True)` without it. The base class's code copy is not used: it
+        cannot follow the `backbones` package.
         """
         self.model.save_pretrained(save_directory, **kwargs)
         self.image_processor.save_pretrained(save_directory, **kwargs)

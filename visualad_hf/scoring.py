@@ -5,7 +5,7 @@ Used by the model (training-time image logit), the image processor (inference sc
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -13,11 +13,26 @@ import torch
 _CPU_CHUNK_ELEMENTS = 2**18  # map values smoothed together on CPU: 1 MiB of float32, about one core's L2 cache
 
 
+def topk_count(ratio: float, num_values: int) -> int:
+    """`k = ceil(ratio * num_values)` in integer arithmetic, for `0 < ratio <= 1` (so `k >= 1`).
+
+    The ratio is taken as written (its shortest decimal, `0.01` = 1/100), so `k` is exact and stays an integer
+    expression when `num_values` is symbolic (a dynamic-shape `torch.export`, which can then be serialised; `math.ceil`
+    of a symbolic float cannot). It equals `math.ceil(ratio * num_values)` except where the float product overshoots
+    an exact integer (`0.07 * 100 == 7.000000000000001`): there the float form counts one value more than the ratio
+    says. For the ratios in use (0.01 everywhere in the released code) the two agree on every size.
+    """
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio={ratio} must lie in (0, 1].")
+    fraction = Fraction(repr(float(ratio)))
+    numerator, denominator = fraction.numerator, fraction.denominator
+    return (num_values * numerator + denominator - 1) // denominator
+
+
 def topk_mean(maps: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Mean of the largest `ceil(ratio * H * W)` values of each map in `(batch, H, W)`."""
+    """Mean of the largest `ceil(ratio * H * W)` values of each map in `(batch, H, W)` (`k` by `topk_count`)."""
     flat = maps.flatten(1)
-    k = max(1, math.ceil(ratio * flat.shape[1]))
-    return flat.topk(k, dim=1).values.mean(dim=1)
+    return flat.topk(topk_count(ratio, flat.shape[1]), dim=1).values.mean(dim=1)
 
 
 # Gaussian smoothing with scipy.ndimage.gaussian_filter's conventions, batched in torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -216,6 +217,52 @@ def _verdict_colour(score: float, threshold: float | None) -> tuple[int, int, in
     return ANOMALOUS_COLOUR if score >= threshold else NORMAL_COLOUR
 
 
+def render_grid(
+    columns: Sequence[Sequence[Image.Image]],
+    *,
+    row_labels: Sequence[str],
+    captions: Sequence[str] = (),
+    title: str | None = None,
+    scale: ColourScale | None = None,
+    bar_rows: Sequence[int] = (),
+    bar_title: str = "anomaly score",
+    tile: int = 192,
+) -> Image.Image:
+    """A figure grid like the paper's appendix figures: one column of `tile`-sized images per sample (rows named by
+    `row_labels`, a caption above each column) and, beside the rows in `bar_rows`, a colour bar for `scale` (the
+    range their heatmaps were drawn with), whose range and source are also written under the title."""
+    gap, label_width, caption_height = 6, 120, 20 if captions else 0
+    small = _font(12)
+    lines = [line for line in (title, f"colour range {scale.low:.2f} .. {scale.high:.2f} ({scale.source})"
+                                if scale is not None and bar_rows else None) if line]  # fmt: skip
+    title_height = 6 + 22 * len(lines)
+    bar = None
+    if scale is not None and bar_rows:
+        span = (max(bar_rows) - min(bar_rows) + 1) * (tile + gap) - gap
+        bar = colour_bar(scale, span - 18, font=small)
+    bar_width = max(bar.width, int(small.getlength(bar_title))) + 2 * gap if bar is not None else 0
+    width = label_width + len(columns) * (tile + gap) + gap + bar_width
+    height = title_height + caption_height + len(row_labels) * (tile + gap) + gap
+    figure = Image.new("RGB", (width, height), PANEL_BACKGROUND)
+    draw = ImageDraw.Draw(figure)
+    for index, line in enumerate(lines):
+        draw.text((gap, 6 + 22 * index), line, fill=TEXT_COLOUR, font=_font(18 if index == 0 and title else 12))
+    top = title_height + caption_height
+    for row, label in enumerate(row_labels):
+        draw.text((gap, top + row * (tile + gap) + tile // 2 - 6), label, fill=TEXT_COLOUR, font=small)
+    for column, tiles in enumerate(columns):
+        left = label_width + column * (tile + gap)
+        if column < len(captions):
+            draw.text((left, title_height), captions[column][:30], fill=TEXT_COLOUR, font=small)
+        for row, image in enumerate(tiles):
+            figure.paste(_as_rgb(image).resize((tile, tile), Image.Resampling.BILINEAR), (left, top + row * (tile + gap)))
+    if bar is not None:
+        left, bar_top = label_width + len(columns) * (tile + gap) + gap, top + min(bar_rows) * (tile + gap)
+        draw.text((left, bar_top), bar_title, fill=TEXT_COLOUR, font=small)
+        figure.paste(bar, (left, bar_top + 18))
+    return figure
+
+
 __all__ = [
     "COLUMN_LABELS",
     "ColourScale",
@@ -226,5 +273,6 @@ __all__ = [
     "map_value_bounds",
     "normalize_map",
     "overlay_heatmap",
+    "render_grid",
     "render_panel",
 ]

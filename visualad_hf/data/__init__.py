@@ -14,7 +14,7 @@ from .builders import FEATURES, LABEL_NAMES, AnomalyDatasetBuilder, load_anomaly
 from .collator import VisualADCollator
 from .layouts import ANOMALY, GOOD, DatasetLayoutError, Sample
 from .masks import binarize_mask, load_mask, mask_threshold
-from .registry import DATASETS, DatasetSpec, dataset_spec, scan_dataset
+from .registry import DATASETS, DatasetSpec, dataset_spec, display_name, scan_dataset
 from .synthetic import SyntheticBenchmark, generate_synthetic_benchmark
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "VisualADCollator",
     "binarize_mask",
     "dataset_spec",
+    "display_name",
     "generate_synthetic_benchmark",
     "load_anomaly_dataset",
     "load_mask",

@@ -14,11 +14,15 @@ and what the folder holds.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+import stat
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -63,13 +67,60 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(path.name)
 
 
+_SKIPPED: ContextVar[dict[Path, str] | None] = ContextVar("skipped_entries", default=None)
+
+
+@contextmanager
+def collect_skipped() -> Iterator[dict[Path, str]]:
+    """Collect, while a scan runs, the entries it passed over because they cannot be read as a file or a folder
+    (dangling or looping symbolic links, FIFOs, sockets, devices): path -> why. `scan_dataset` reports them."""
+    token = _SKIPPED.set({})
+    try:
+        yield _SKIPPED.get()
+    finally:
+        _SKIPPED.reset(token)
+
+
+def unreadable_kind(path: Path) -> str | None:
+    """Why `path` is neither a regular file nor a folder (after following links), or None if it is one of them."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if path.is_symlink():
+            return "dangling symbolic link"
+        return f"cannot be read ({error.strerror or error})"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "device or other special file"
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The visible entries of `folder`; those that are neither files nor folders are noted for the scan's report."""
+    entries = []
+    for path in folder.iterdir():
+        if is_hidden(path.name):
+            continue
+        kind = unreadable_kind(path)
+        if kind is None:
+            entries.append(path)
+        elif (skipped := _SKIPPED.get()) is not None:
+            skipped[path] = kind
+    return entries
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder`, any extension case (`.PNG`, `.JPG`), sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    return sorted(p for p in _entries(folder) if p.is_file() and is_image_file(p))
 
 
 def list_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name))
+    return sorted(p for p in _entries(folder) if p.is_dir())
 
 
 def first_dir(parent: Path, names: Iterable[str]) -> Path | None:

@@ -7,6 +7,7 @@ error that says which layout(s) the dataset expects and what the folder holds.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -48,6 +49,12 @@ class DatasetSpec:
     categories: tuple[str, ...] = ()  # the published categories, for reference; the loaders read what is on disk
     in_paper: bool = False  # one of the 13 benchmarks the VisualAD README lists
     url: str | None = None
+    short_name: str = ""  # the paper's spelling in tables and model cards ("MVTec-AD"); default: `title`
+
+    @property
+    def display_name(self) -> str:
+        """How result tables, model cards and logs name the dataset: the paper's spelling where it has one."""
+        return self.short_name or self.title
 
     @property
     def expected_layout(self) -> str:
@@ -113,6 +120,7 @@ _SPECS = [
         categories=_names(
             "bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood zipper"
         ),
+        short_name="MVTec-AD",
     ),
     DatasetSpec(
         "visa",
@@ -139,6 +147,7 @@ _SPECS = [
         in_paper=True,
         url="https://github.com/amazon-science/spot-diff",
         categories=_names("candle capsules cashew chewinggum fryum macaroni1 macaroni2 pcb1 pcb2 pcb3 pcb4 pipe_fryum"),
+        short_name="VisA",
     ),
     DatasetSpec(
         "btad",
@@ -155,6 +164,7 @@ _SPECS = [
         splits=("test", "train"),
         in_paper=True,
         categories=("01", "02", "03"),
+        short_name="BTAD",
     ),
     DatasetSpec(
         "ksdd2",
@@ -179,6 +189,7 @@ _SPECS = [
         in_paper=True,
         categories=("Metal",),
         url="https://www.vicos.si/resources/kolektorsdd2/",
+        short_name="KSDD2",
     ),
     DatasetSpec(
         "dagm",
@@ -201,6 +212,7 @@ _SPECS = [
         splits=("test", "train"),
         in_paper=True,
         categories=tuple(f"Class{i}" for i in range(1, 11)),
+        short_name="DAGM",
     ),
     DatasetSpec(
         "dtd_synthetic",
@@ -219,6 +231,7 @@ _SPECS = [
         categories=_names(
             "Woven_001 Woven_127 Woven_104 Stratified_154 Blotchy_099 Woven_068 Woven_125 Marbled_078 Perforated_037 Mesh_114 Fibrous_183 Matted_069"
         ),
+        short_name="DTD-Synthetic",
     ),
     DatasetSpec(
         "mpdd",
@@ -229,6 +242,7 @@ _SPECS = [
         splits=("test", "train"),
         url="https://github.com/stepanje/MPDD",
         categories=("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"),
+        short_name="MPDD",
     ),
     DatasetSpec(
         "sdd",
@@ -467,6 +481,15 @@ ALIASES = {
 }
 
 
+def display_name(name: str) -> str:
+    """The display name of a dataset name or alias (`"mvtec"` -> `"MVTec-AD"`); other text comes back as given, so a
+    free-form name (`"synthetic benchmark (target families)"`) passes through. The one table of display names."""
+    try:
+        return dataset_spec(name).display_name
+    except ValueError:
+        return name
+
+
 def dataset_spec(name: str) -> DatasetSpec:
     """The spec of a dataset name (case-insensitive; `-` and `_` are the same; a few common aliases work)."""
     key = name.strip().lower().replace("-", "_").replace(" ", "_")
@@ -502,7 +525,8 @@ def scan_dataset(
     try:
         if layout is None:
             raise DatasetLayoutError("it matches none of the expected layouts")
-        samples = layout.scan(root, split, **options)
+        with L.collect_skipped() as skipped:
+            samples = layout.scan(root, split, **options)
         if not samples:
             raise DatasetLayoutError(f"no images found for split {split!r}")
         _check_unique(samples)
@@ -511,8 +535,49 @@ def scan_dataset(
             f"{root} is not a readable `{spec.name}` ({spec.title}) folder: {error}\n"
             f"Expected layout:\n{spec.expected_layout}\nFound in {root}: {L.describe_folder(root)}"
         ) from None
+    _report_skipped(root, skipped)
+    _check_utf8_names(root, samples)
     samples.sort(key=lambda s: (s.category, s.image))
     return _select(spec, samples, categories)
+
+
+MAX_LISTED = 20  # entries a warning lists before "(+N more)"
+
+
+def _report_skipped(root: Path, skipped: dict[Path, str]) -> None:
+    """One warning listing the entries the scan passed over (dangling/looping links, FIFOs, ...)."""
+    if not skipped:
+        return
+    items = [f"{_printable(L.relative(root, path))} ({why})" for path, why in sorted(skipped.items())]
+    more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+    warnings.warn(
+        f"{root}: skipped {len(items)} entr{'y' if len(items) == 1 else 'ies'} that are neither files nor folders: "
+        f"{', '.join(items[:MAX_LISTED])}{more}. Fix or remove them if they should be data.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _printable(name: str) -> str:
+    """A file name as text even when it is not valid UTF-8 (undecodable bytes shown as \\xNN)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _check_utf8_names(root: Path, samples: list[Sample]) -> None:
+    """Dataset tables store paths as UTF-8 text: a name that is not valid UTF-8 is refused by name, before
+    `datasets` fails on it without saying which file it was."""
+    for sample in samples:
+        for text in (sample.image, sample.mask, sample.category, sample.defect_type):
+            if text is None:
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                path = sample.mask if text == sample.mask else sample.image
+                raise DatasetLayoutError(
+                    f"{root}: the file name {_printable(path)} is not valid UTF-8 (the \\x escapes are its raw bytes); "
+                    "rename it to a UTF-8 name (e.g. `convmv -f latin1 -t utf8 --notest` on the folder)"
+                ) from None
 
 
 def _check_unique(samples: list[Sample]) -> None:

@@ -4,8 +4,9 @@ Eight families of small images: four textures (`stripes`, `checker`, `grain`, `c
 background (`disc`, `ring`, `nut`, `capsule`). Anomalous images carry one drawn defect: a `scratch`, a `hole`, a
 `stain` or a `cut_paste` patch (a rotated, re-lit piece of the same image). The auxiliary (training) and target
 (evaluation) sides use disjoint families, which is the zero-shot protocol: by default the model trains on stripes,
-checker, disc and ring and is evaluated on grain, cloud, nut and capsule. It is what the offline demo and the
-training and evaluation tests run on.
+grain, disc and nut and is evaluated on checker, cloud, ring and capsule (two textures and two objects on each side).
+That split is the one split of the package: `visualad synthetic`, `SyntheticBenchmark.load`, the offline demo and
+`training/configs/synthetic_tiny.yaml` all use it.
 
 Guarantees: the same arguments give the same files, whatever else is generated (each image draws from its own
 `numpy` generator seeded by (seed, category, split, defect type, index)); a mask is True exactly on the pixels a
@@ -24,7 +25,6 @@ Load a side with `SyntheticBenchmark.load("target")` or `load_anomaly_dataset("m
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -37,12 +37,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import VisualADError
+
 DEFECT_TYPES = ("scratch", "hole", "stain", "cut_paste")
-DEFAULT_AUXILIARY = ("stripes", "checker", "disc", "ring")
-DEFAULT_TARGET = ("grain", "cloud", "nut", "capsule")
+# The one auxiliary/target split (resources/synthetic_tiny.yaml names the same families; a test checks it).
+DEFAULT_AUXILIARY = ("stripes", "grain", "disc", "nut")
+DEFAULT_TARGET = ("checker", "cloud", "ring", "capsule")
 MANIFEST = "benchmark.json"
 FORMAT_VERSION = 1
 _SPLIT_IDS = {"train": 0, "test": 1}
+
+class SyntheticBenchmarkError(VisualADError, ValueError):
+    """Bad settings for the synthetic benchmark, or an output folder that holds something else."""
+
 
 Renderer = Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]  # -> (float RGB [S,S,3], fg [S,S])
 
@@ -463,44 +470,3 @@ def _write(root: Path, sample: SyntheticSample, stem: str) -> dict:
         "specie_name": sample.defect_type,
         "anomaly": int(sample.defect_type != "good"),
     }
-
-
-# -------------------------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="folder to write (empty, new, or a previous synthetic benchmark)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=96, help="side of the square images in pixels")
-    parser.add_argument("--auxiliary", default=",".join(DEFAULT_AUXILIARY), help="comma-separated training families")
-    parser.add_argument("--target", default=",".join(DEFAULT_TARGET), help="comma-separated evaluation families")
-    parser.add_argument("--defects", default=",".join(DEFECT_TYPES), help="comma-separated defect types")
-    parser.add_argument("--num-train", type=int, default=8, help="train/good images per category")
-    parser.add_argument("--num-normal", type=int, default=8, help="test/good images per category")
-    parser.add_argument("--num-anomalous", type=int, default=12, help="defective test images per category")
-
-
-def run(args: argparse.Namespace) -> int:
-    def names(text: str) -> tuple[str, ...]:
-        return tuple(n.strip() for n in text.split(",") if n.strip())
-
-    benchmark = generate_synthetic_benchmark(
-        args.out,
-        seed=args.seed,
-        image_size=args.image_size,
-        auxiliary_categories=names(args.auxiliary),
-        target_categories=names(args.target),
-        defect_types=names(args.defects),
-        num_train=args.num_train,
-        num_test_normal=args.num_normal,
-        num_test_anomalous=args.num_anomalous,
-    )
-    per_category = args.num_normal + args.num_anomalous
-    print(f"wrote the synthetic benchmark to {benchmark.root} (seed {benchmark.seed}, {benchmark.image_size} px)")
-    print(f"  auxiliary (train on): {', '.join(benchmark.auxiliary_categories)}")
-    print(f"  target (evaluate on): {', '.join(benchmark.target_categories)}")
-    print(
-        f"  per category: {args.num_train} train/good, {args.num_normal} + {args.num_anomalous} test ({per_category})"
-    )
-    print(f'  load it: load_anomaly_dataset("mvtec", "{benchmark.root}", categories=[...])')
-    return 0

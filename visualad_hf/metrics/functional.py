@@ -202,7 +202,13 @@ def _auroc(sweep: _Sweep) -> float:
 def _average_precision(sweep: _Sweep) -> float:
     precision = sweep.tp / (sweep.tp + sweep.fp)
     recall_steps = np.diff(sweep.tp, prepend=0) / sweep.num_positives
-    return float(np.dot(recall_steps, precision))
+    # The recall steps sum to 1 only up to rounding, so a perfect ranking could give 1 + 2e-16.
+    return _fraction(float(np.dot(recall_steps, precision)))
+
+
+def _fraction(value: float) -> float:
+    """`value` clipped to [0, 1], with -0.0 turned into 0.0 (a table would print it as "-0.0")."""
+    return min(1.0, max(0.0, value)) + 0.0
 
 
 def _f1_max(sweep: _Sweep) -> tuple[float, float]:
@@ -237,7 +243,7 @@ def _aupro_exact(ranked: RankedScores, sweep: _Sweep, fpr_limit: float) -> float
     n_neg = sweep.num_negatives
     x = np.concatenate([[0.0], np.column_stack([sweep.fp_above / n_neg, sweep.fp / n_neg]).ravel(), [1.0]])
     y = np.concatenate([[0.0], np.column_stack([pro_before, pro]).ravel(), [pro[-1]]])
-    return float(_area_to_limit(x, y, fpr_limit) / fpr_limit)
+    return _fraction(float(_area_to_limit(x, y, fpr_limit) / fpr_limit))
 
 
 def _round_down_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -250,8 +256,10 @@ def _round_down_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _aupro_classic(ranked: RankedScores, fpr_limit: float, num_thresholds: int) -> float | None:
-    # The 200-threshold loop of AnomalyCLIP-style evaluation code, vectorised: thresholds np.arange(min, max, step)
-    # in the maps' dtype, prediction `score > t`, keep FPR < limit, rescale the kept FPRs by their maximum, trapezoid.
+    """AnomalyCLIP's `cal_pro_score` (SPEC §7), vectorised: thresholds `np.arange(min, max, (max - min) / n)` in
+    the maps' dtype, prediction `score > t`, PRO = mean region overlap, FPR over normal pixels; the points with
+    FPR < `fpr_limit` are kept, their FPRs rescaled by `(f - fmin) / (fmax - fmin)`, and `sklearn.metrics.auc`
+    integrates PRO over that. None where the formula divides by zero (fmax == fmin, or no point is kept)."""
     from sklearn.metrics import auc
 
     pos, neg = ranked.positives, ranked.negatives
@@ -263,9 +271,10 @@ def _aupro_classic(ranked: RankedScores, fpr_limit: float, num_thresholds: int) 
     pro = _pro_at(ranked, pos.size - np.searchsorted(pos, thresholds, side="right"))
     keep = fpr < fpr_limit
     fpr, pro = fpr[keep], pro[keep]
-    if fpr.size < 2 or fpr.max() == 0:
+    if fpr.size == 0 or fpr.max() == fpr.min():
         return None
-    return float(auc(fpr / fpr.max(), pro))
+    # auc() integrates along decreasing FPRs with a sign flip, which can give -0.0.
+    return _fraction(float(auc((fpr - fpr.min()) / (fpr.max() - fpr.min()), pro)))
 
 
 # ------------------------------------------------------------------------------------------------ metric suites
@@ -323,8 +332,8 @@ def pixel_metrics(
 ) -> dict[str, float | None]:
     """Pixel AUROC, F1-max, AP and AUPRO of maps `[B, H, W]` against masks of the same shape, from one sort.
 
-    `aupro_method="exact"` (default) integrates the PRO curve over every distinct threshold; `"classic"` uses
-    `num_thresholds` evenly spaced thresholds as AnomalyCLIP-style evaluation code does. Metrics are None when the
+    `aupro_method="exact"` (default) integrates the PRO curve over every distinct threshold; `"classic"` is
+    AnomalyCLIP's 200-threshold formula (see `aupro`). Metrics are None when the
     masks are all empty (or all full).
     """
     return ranked_pixel_metrics(
@@ -381,14 +390,23 @@ def aupro(
     """Area under the per-region-overlap curve up to `fpr_limit`, divided by `fpr_limit` (in [0, 1]).
 
     `method="exact"` (default): one curve over every distinct threshold, integrated with the trapezoid rule and
-    interpolated at `fpr_limit`. `method="classic"`: `num_thresholds` thresholds evenly spaced between the lowest
-    and highest score, prediction `score > t`, points with FPR < `fpr_limit` kept and their FPRs divided by the
-    largest kept one (the AnomalyCLIP-style loop; biased low when few thresholds fall under the limit).
+    interpolated at `fpr_limit`.
+
+    `method="classic"`: AnomalyCLIP's `cal_pro_score`, exactly (SPEC §7): `num_thresholds` thresholds
+    `np.arange(min, max, (max - min) / num_thresholds)` over all pixels' scores, prediction `score > t`, PRO = mean
+    overlap of the 8-connected mask regions, FPR over normal pixels; points with FPR < `fpr_limit` are kept, their
+    FPRs rescaled to [0, 1] by `(f - fmin) / (fmax - fmin)` and `sklearn.metrics.auc` taken of PRO over them. It is
+    not an area up to `fpr_limit`: the stretch below the smallest kept FPR is dropped and the rest stretched to
+    [0, 1], so it can differ from the exact value by several points, most where normal pixels score above every
+    anomalous one (then fmin > 0).
     """
     ranked = rank_pixel_scores(anomaly_maps, masks)
     if not _is_binary_problem(ranked):
         raise ValueError("AUPRO needs masks with both anomalous and normal pixels.")
     value = ranked_pixel_metrics(ranked, fpr_limit=fpr_limit, aupro_method=method, num_thresholds=num_thresholds)
     if value["aupro"] is None:
-        raise ValueError("The classic AUPRO is undefined here: fewer than two thresholds have FPR below the limit.")
+        raise ValueError(
+            "The classic AUPRO is undefined here: the thresholds with FPR below the limit all have the same FPR "
+            "(or there are none), so (f - fmin) / (fmax - fmin) divides by zero."
+        )
     return value["aupro"]

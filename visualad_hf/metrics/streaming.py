@@ -75,9 +75,14 @@ class _Chunks:
         np.save(path, array)
         self.items.append(str(path))
 
-    def extend(self, other: _Chunks) -> None:
-        self.items.extend(other.items)
-        self.size += other.size
+    def extend_copy(self, other: _Chunks) -> None:
+        """Append copies of `other`'s arrays: in memory, or as files in this object's own folder, so that later
+        changes to `other` (or the deletion of its folder) leave this one intact."""
+        for item in list(other.items):
+            if isinstance(item, str):
+                self.append(np.load(item))  # a fresh array (or a file of this object's own)
+            else:
+                self.append(item if self.directory is not None else item.copy())
 
     def concatenate(self) -> np.ndarray:
         arrays = [item if isinstance(item, np.ndarray) else np.load(item) for item in self.items]
@@ -108,7 +113,7 @@ class _CategoryState:
 
     def merge(self, other: _CategoryState) -> None:
         for name in ("image_scores", "image_labels", "negatives", "positives", "region_sizes"):
-            getattr(self, name).extend(getattr(other, name))
+            getattr(self, name).extend_copy(getattr(other, name))
         self.num_regions += other.num_regions
         self.num_maps += other.num_maps
 
@@ -169,7 +174,7 @@ class AnomalyMetricsResult:
         names = self.metric_names
         header = ["Category", *(METRIC_HEADERS[n] for n in names)]
         body = [
-            [category, *("–" if values.get(n) is None else f"{100 * values[n]:.1f}" for n in names)]
+            [category, *(format_percent(values.get(n)) for n in names)]
             for category, values in self.rows()
         ]
         return header, body
@@ -295,19 +300,25 @@ class AnomalyMetrics:
         labels = _check_labels(labels, size)
         names = self._category_names(categories, size)
 
+        # Everything is checked and reduced before anything is stored: a bad batch leaves the state unchanged.
+        groups = _group_indices(names)
+        pixel_parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
         if anomaly_maps is not None:
             maps = to_numpy(anomaly_maps)
             if maps.ndim == 2:
                 maps = maps[None]
             if maps.shape[0] != size:
                 raise ValueError(f"{maps.shape[0]} anomaly maps for {size} images.")
-        for category, index in _group_indices(names):
+            if binary_masks.shape[0] != size:
+                raise ValueError(f"{binary_masks.shape[0]} masks for {size} images.")
+            pixel_parts = {category: split_pixel_scores(maps[index], binary_masks[index]) for category, index in groups}
+        for category, index in groups:
             state = self._state(category)
             if scores is not None:
                 state.image_scores.append(scores[index])
                 state.image_labels.append(labels[index])
-            if anomaly_maps is not None:
-                negatives, positives, region_sizes, num_regions = split_pixel_scores(maps[index], binary_masks[index])
+            if category in pixel_parts:
+                negatives, positives, region_sizes, num_regions = pixel_parts[category]
                 state.negatives.append(negatives)
                 state.positives.append(positives)
                 state.region_sizes.append(region_sizes)
@@ -324,18 +335,22 @@ class AnomalyMetrics:
         return names
 
     def merge(self, other: AnomalyMetrics) -> AnomalyMetrics:
-        """Add another accumulator's data (e.g. another process's shard) to this one; returns self."""
+        """Add a copy of another accumulator's data (e.g. another process's shard) to this one; returns self.
+
+        The merged data is this object's own: in memory, or, when this accumulator spills (`storage_dir`), copied
+        into its own folder. Later `add_batch`/`reset` calls on `other` (or deleting its files) do not change this
+        one. `other`'s spilled files must be readable here while `merge` runs (the same machine or a shared
+        filesystem): a state pickled on another machine refers to files on that machine.
+        """
         if (other.fpr_limit, other.aupro_method, other.num_thresholds) != (
             self.fpr_limit,
             self.aupro_method,
             self.num_thresholds,
         ):
             raise ValueError("Cannot merge AnomalyMetrics with different fpr_limit/aupro_method/num_thresholds.")
-        for category, state in other._states.items():
-            if category in self._states:
-                self._states[category].merge(state)
-            else:
-                self._states[category] = state
+        for category, state in list(other._states.items()):
+            target = self._state(category)
+            target.merge(state)
         return self
 
     def reset(self) -> None:
@@ -383,7 +398,7 @@ class AnomalyMetrics:
         missing = [name for name in names if name not in self._states]
         if missing:
             raise KeyError(f"No data was added for categories {missing}; known: {list(self._states)}.")
-        bar = dict(total=len(names), desc="Computing metrics", unit="category", disable=not progress)
+        bar = {"total": len(names), "desc": "Computing metrics", "unit": "category", "disable": not progress}
         if num_workers > 1 and len(names) > 1:
             with ThreadPoolExecutor(max_workers=num_workers) as pool:
                 results = list(tqdm(pool.map(self.compute_category, names), **bar))
@@ -402,6 +417,14 @@ class AnomalyMetrics:
                 "region_connectivity": 8,
             },
         )
+
+
+def format_percent(value: float | None) -> str:
+    """A fraction as the paper prints it: ×100, one decimal; "–" where undefined. Never "-0.0"."""
+    if value is None:
+        return "–"
+    text = f"{100 * value:.1f}"
+    return "0.0" if text == "-0.0" else text
 
 
 def mean_over_categories(per_category: dict[str, dict[str, float | None]]) -> dict[str, float | None]:

@@ -20,19 +20,12 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..backbones import supported_model_types
+from ..data.registry import DATASETS
 from ..errors import VisualADError
 
 TRAINING_ARGS_NAME = "training_args.yaml"
-# The paper's names of its benchmarks (model cards and result tables use them).
-PAPER_DATASET_NAMES = {
-    "mvtec": "MVTec-AD",
-    "visa": "VisA",
-    "btad": "BTAD",
-    "ksdd2": "KSDD2",
-    "dagm": "DAGM",
-    "dtd_synthetic": "DTD-Synthetic",
-    "mpdd": "MPDD",
-}
+# The paper's names of its benchmarks, kept as a name for one release: a view of the registry's one table.
+PAPER_DATASET_NAMES = {name: spec.display_name for name, spec in DATASETS.items() if spec.short_name}
 
 
 class TrainingArgumentError(VisualADError, ValueError):
@@ -134,11 +127,9 @@ class DataArguments:
         )
         if explicit:
             return explicit
-        if name in PAPER_DATASET_NAMES:
-            return PAPER_DATASET_NAMES[name]
-        from ..data import dataset_spec
+        from ..data import display_name  # the one table of display names (data/registry.py)
 
-        return dataset_spec(name).title
+        return display_name(name)
 
     def __post_init__(self):
         if self.train_dataset is None or self.train_data_dir is None:
