@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("visualad_hf.commands.evaluate", "Evaluate a model on a benchmark: per-category metrics table, files, figures."),
     "reference": ("visualad_hf.commands.reference", "Few-shot: add a reference bank built from good images to a model folder."),
     "convert": ("visualad_hf.commands.convert", "Convert the authors' released VisualAD checkpoint (CLIP.pth) to a model folder."),
+    "export": ("visualad_hf.commands.export", "Export a model to ONNX / OpenVINO (optionally int8) to run without PyTorch."),
     "app": ("visualad_hf.commands.app", "Serve the web app (Gradio) around a model, or write a Hugging Face Space."),
 }
 

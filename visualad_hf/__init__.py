@@ -11,12 +11,18 @@ from .configuration_visualad import VisualADConfig
 from .image_processing_visualad import VisualADImageProcessor
 from .modeling_visualad import VisualADModel, VisualADOutput, VisualADPreTrainedModel
 from .pipeline_anomaly_detection import AnomalyDetectionPipeline
+from .export.runtime import ExportedVisualADModel
 
 AutoConfig.register(VisualADConfig.model_type, VisualADConfig, exist_ok=True)
 AutoModel.register(VisualADConfig, VisualADModel, exist_ok=True)
 AutoImageProcessor.register(VisualADConfig, image_processor_classes={"pil": VisualADImageProcessor}, exist_ok=True)
+# Exported folders (visualad_hf.export) first: the loader refuses a non-exported folder at once, with an OSError that
+# makes the pipeline go on to AutoModel.
 PIPELINE_REGISTRY.register_pipeline(
-    "anomaly-detection", pipeline_class=AnomalyDetectionPipeline, pt_model=AutoModel, type="image"
+    "anomaly-detection",
+    pipeline_class=AnomalyDetectionPipeline,
+    pt_model=(ExportedVisualADModel, AutoModel),
+    type="image",
 )
 
 __version__ = "0.1.0"

@@ -272,6 +272,8 @@ class VisualADImageProcessor(PilBackend):
         sigma = self.gaussian_sigma if gaussian_sigma is None else gaussian_sigma
         ratio = self.topk_ratio if topk_ratio is None else topk_ratio
         maps = outputs if isinstance(outputs, torch.Tensor) else outputs.anomaly_map
+        if getattr(outputs, "is_smoothed", False):  # an exported graph's map (visualad_hf.export) is smoothed
+            sigma = 0.0
         if maps.ndim == 4 and maps.shape[1] == 1:
             maps = maps[:, 0]
         if maps.ndim != 3:

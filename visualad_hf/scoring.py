@@ -86,11 +86,12 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> 
     flat = work.reshape(-1, height, width)
     # On CPU the passes are memory-bound: chunks that stay in a core's cache run about twice as fast as the whole
     # batch at once (8 maps of 518x518: 21-30 ms per chunked batch vs 49-77 ms batched, scipy 46-53 ms; 1 thread).
-    per_chunk = flat.shape[0] if flat.device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // (height * width))
+    # A traced graph (torch.compile, torch.export / ONNX export) takes the whole batch in one chunk: splitting by a
+    # batch-dependent count would pin a dynamic batch dimension to the example's size.
+    whole_batch = flat.device.type != "cpu" or torch.compiler.is_compiling()
+    chunks = [flat] if whole_batch else flat.split(max(1, _CPU_CHUNK_ELEMENTS // (height * width)))
     # scipy filters axis 0 (rows) first, then axis 1; keep its order so rounding matches.
-    smoothed = [
-        _smooth_along(_smooth_along(chunk, weights, dim=-2), weights, dim=-1) for chunk in flat.split(per_chunk)
-    ]
+    smoothed = [_smooth_along(_smooth_along(chunk, weights, dim=-2), weights, dim=-1) for chunk in chunks]
     return (smoothed[0] if len(smoothed) == 1 else torch.cat(smoothed)).reshape(work.shape)
 
 

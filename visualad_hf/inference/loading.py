@@ -262,9 +262,13 @@ def build_detector(model: str | os.PathLike, device: str | torch.device | None =
     """
     from transformers import pipeline
 
+    from ..export import is_exported_folder, load_exported_for_inference
     from ..pipeline_anomaly_detection import AnomalyDetectionPipeline  # noqa: F401  (the task is registered)
 
-    loaded = load_model_for_inference(model, device, dtype)
+    if is_exported_folder(Path(os.fspath(model)).expanduser()):  # an ONNX / OpenVINO folder of `visualad export`
+        loaded = load_exported_for_inference(model, resolve_device(device))
+    else:
+        loaded = load_model_for_inference(model, device, dtype)
     return pipeline(
         "anomaly-detection", model=loaded.model, image_processor=loaded.image_processor, device=loaded.device
     )
