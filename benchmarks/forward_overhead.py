@@ -25,7 +25,6 @@ import torch
 from visualad_hf import VisualADConfig, VisualADModel
 from visualad_hf.modeling_visualad import topk_mean
 
-
 VIT_L = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16}
 
 

@@ -9,14 +9,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import struct  # noqa: E402
-import zlib  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(1)
 
@@ -30,7 +30,7 @@ def tiny_vision_config(kind: str = "clip", **overrides):
     """A 4-layer, width-64 backbone config of the given family ("clip", "dinov2", "dinov2_registers")."""
     from transformers import CLIPVisionConfig, Dinov2Config, Dinov2WithRegistersConfig
 
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2, patch_size=14)
+    common = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2, "patch_size": 14}
     if kind == "clip":
         return CLIPVisionConfig(**{**common, "image_size": 56, **overrides})
     if kind == "dinov2":
@@ -47,7 +47,7 @@ def tiny_visualad_config(kind: str = "clip", **overrides):
     from visualad_hf import VisualADConfig
 
     vision_overrides = overrides.pop("vision_overrides", {})
-    defaults = dict(feature_layers=[1, 2, 3, 4], image_size=70)
+    defaults = {"feature_layers": [1, 2, 3, 4], "image_size": 70}
     return VisualADConfig(vision_config=tiny_vision_config(kind, **vision_overrides), **{**defaults, **overrides})
 
 

@@ -21,8 +21,8 @@ import pytest
 
 gradio = pytest.importorskip("gradio", reason='the app is the optional extra: pip install "visualad-hf[app]"')
 
-from visualad_hf.app import build_app, load_detector, write_space  # noqa: E402
-from visualad_hf.errors import VisualADError  # noqa: E402
+from visualad_hf.app import build_app, load_detector, write_space
+from visualad_hf.errors import VisualADError
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -54,7 +54,7 @@ def examples(served):
 def test_detect_endpoint_returns_the_pipelines_score(served, examples):
     from gradio_client import Client, handle_file
 
-    app, detector, url = served
+    _app, detector, url = served
     client = Client(url, verbose=False)
     for path in examples[:2]:
         overlay, score, verdict, panel = client.predict(handle_file(path), api_name="/detect")
@@ -88,7 +88,8 @@ def test_batch_tab_scores_every_file_and_writes_csv_and_maps(served, examples, t
         [handle_file(p) for p in inputs], 0.25, api_name="/detect_batch"
     )
     assert "Scored 2 of 3" in status and "truncated.png" in status
-    rows = list(csv.DictReader(open(csv_path, encoding="utf-8")))
+    with open(csv_path, encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
     assert [row["file"] for row in rows] == [Path(p).name for p in inputs]
     for row, path in zip(rows[:2], examples[:2]):
         score = detector(path)["score"]
@@ -123,7 +124,8 @@ def test_write_space_writes_a_complete_space(tmp_path):
 
 def test_app_command_without_a_model_says_how_to_get_one(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "visualad_cli", "app"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "visualad_cli", "app"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        check=False,
     )
     assert done.returncode == 2
     assert "run `visualad demo`" in done.stderr and "--model demo_output/model" in done.stderr

@@ -298,8 +298,8 @@ def test_trainable_token_positions_are_saved(tmp_path):
 
 def test_from_backbone_full_clip_checkpoint(tmp_path):
     vision = tiny_vision_config("clip")
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
-                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 100,
+                "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
     clip = CLIPModel(CLIPConfig(vision_config=vision.to_dict(), text_config=text, projection_dim=16))
     clip.save_pretrained(tmp_path)
     model = VisualADModel.from_backbone(str(tmp_path), feature_layers=[2, 4], image_size=70)

@@ -8,10 +8,10 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_visualad import VisualADConfig
+from .export.runtime import ExportedVisualADModel
 from .image_processing_visualad import VisualADImageProcessor
 from .modeling_visualad import VisualADModel, VisualADOutput, VisualADPreTrainedModel
 from .pipeline_anomaly_detection import AnomalyDetectionPipeline
-from .export.runtime import ExportedVisualADModel
 
 AutoConfig.register(VisualADConfig.model_type, VisualADConfig, exist_ok=True)
 AutoModel.register(VisualADConfig, VisualADModel, exist_ok=True)

@@ -112,7 +112,7 @@ class VisualADConfig(PreTrainedConfig):
     """
 
     model_type = "visualad"
-    sub_configs_defaults = {
+    sub_configs_defaults = {  # noqa: RUF012  (transformers reads this class attribute; never mutated)
         "vision_config": SubConfigSpec(
             config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_VIT_L14_336
         ),

@@ -140,8 +140,8 @@ def _say_beyond(beyond: dict, zero_shot) -> None:
     for title, result in (
         (f"Few-shot (K={shots['num_shots']} good train images per family, seed {shots['seed']}), target families:",
          beyond["few_shot"]),
-        (f"Fine-tuned on the target families' good train images only (synthetic defects, {beyond['finetune_steps']} "
-         "steps from the model above), target families:", beyond["fine_tuned"]),
+        ((f"Fine-tuned on the target families' good train images only (synthetic defects, {beyond['finetune_steps']} "
+         "steps from the model above), target families:"), beyond["fine_tuned"]),
     ):  # fmt: skip
         _say("")
         _say(title)

@@ -101,12 +101,12 @@ class VisualADImageProcessor(PilBackend):
     """
 
     valid_kwargs = VisualADImageProcessorKwargs
-    model_input_names = ["pixel_values"]
+    model_input_names = ["pixel_values"]  # noqa: RUF012  (transformers' class-attribute convention)
 
     resample = PILImageResampling.BICUBIC
     image_mean = OPENAI_CLIP_MEAN
     image_std = OPENAI_CLIP_STD
-    size = {"height": 518, "width": 518}
+    size = {"height": 518, "width": 518}  # noqa: RUF012  (copied per instance by the backend)
     do_resize = True
     do_center_crop = False
     do_rescale = True
@@ -144,14 +144,14 @@ class VisualADImageProcessor(PilBackend):
         normalisation and resampling (`config.normalization`: the stored mean/std, else the family's published
         constants; the family's resampling filter, `visualad_hf.backbones`). `kwargs` override."""
         image_mean, image_std = config.normalization
-        defaults = dict(
-            size={"height": config.image_size, "width": config.image_size},
-            image_mean=list(image_mean),
-            image_std=list(image_std),
-            resample=int(config.backbone_adapter.resample),
-            gaussian_sigma=float(config.gaussian_sigma),
-            topk_ratio=float(config.topk_ratio),
-        )
+        defaults = {
+            "size": {"height": config.image_size, "width": config.image_size},
+            "image_mean": list(image_mean),
+            "image_std": list(image_std),
+            "resample": int(config.backbone_adapter.resample),
+            "gaussian_sigma": float(config.gaussian_sigma),
+            "topk_ratio": float(config.topk_ratio),
+        }
         return cls(**{**defaults, **kwargs})
 
     def preprocess(self, images, masks=None, **kwargs) -> BatchFeature:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.image_utils import PILImageResampling
@@ -63,8 +63,8 @@ TRAINING_SETS: dict[str, tuple[str, str]] = {
     )
 }
 
-AnomalyResults = Union[Mapping[str, Any], AnomalyMetricsResult]
-EvalResults = Union[Mapping[str, AnomalyResults], Iterable[tuple[str, str, float]]]
+AnomalyResults = Mapping[str, Any] | AnomalyMetricsResult
+EvalResults = Mapping[str, AnomalyResults] | Iterable[tuple[str, str, float]]
 
 
 def backbone_facts(config: VisualADConfig) -> BackboneFacts:

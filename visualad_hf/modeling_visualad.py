@@ -615,7 +615,7 @@ class VisualADModel(ReferenceMixin, VisualADPreTrainedModel):
         The input normalisation is read from the folder's preprocessor_config.json when it has one (and the family
         normalises there; RADIO normalises with its config's constants), else the family's published constants.
         """
-        hub_kwargs = dict(cache_dir=cache_dir, revision=revision, token=token, local_files_only=local_files_only)
+        hub_kwargs = {"cache_dir": cache_dir, "revision": revision, "token": token, "local_files_only": local_files_only}
         try:
             backbone_config = AutoConfig.from_pretrained(pretrained_backbone, **hub_kwargs)
         except OSError as error:

@@ -68,8 +68,8 @@ def write_reference_model(
     """Load `model_id`, build its reference bank from the good images in `normal` (at most `max_images`, the
     first in sorted order) and write the model with the bank to `output`."""
     from .hub import staged_folder
-    from .inference import load_model_for_inference
     from .image_io import load_image
+    from .inference import load_model_for_inference
 
     files = find_normal_images(normal)[:max_images]
     model, processor, _ = load_model_for_inference(str(model_id), device=device)

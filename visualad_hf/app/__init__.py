@@ -24,7 +24,7 @@ def require_gradio():
     return gradio
 
 
-from .space import write_space  # noqa: E402  (no Gradio needed to write a Space)
-from .ui import ModelFacts, build_app, load_detector, model_facts  # noqa: E402
+from .space import write_space
+from .ui import ModelFacts, build_app, load_detector, model_facts
 
 __all__ = ["MissingExtraError", "ModelFacts", "build_app", "load_detector", "model_facts", "require_gradio", "write_space"]

@@ -105,20 +105,20 @@ def run(args: argparse.Namespace) -> int:
         raise _as_user_error(error) from error
     import warnings
 
-    settings = dict(
-        batch_size=args.batch_size,
-        accelerator=accelerator,
-        dataset_name=dataset.info.dataset_name,
-        aupro_method=args.aupro,
-        num_thresholds=args.num_thresholds,
-        fpr_limit=args.fpr_limit,
-        num_figure_samples=args.figures,
-        figure_value_range=tuple(args.figure_range) if args.figure_range else None,
-        num_workers=args.num_workers,
-        metric_workers=args.metric_workers,
-        storage_dir=args.storage_dir,
-        progress=not args.quiet,
-    )
+    settings = {
+        "batch_size": args.batch_size,
+        "accelerator": accelerator,
+        "dataset_name": dataset.info.dataset_name,
+        "aupro_method": args.aupro,
+        "num_thresholds": args.num_thresholds,
+        "fpr_limit": args.fpr_limit,
+        "num_figure_samples": args.figures,
+        "figure_value_range": tuple(args.figure_range) if args.figure_range else None,
+        "num_workers": args.num_workers,
+        "metric_workers": args.metric_workers,
+        "storage_dir": args.storage_dir,
+        "progress": not args.quiet,
+    }
     if args.few_shot:  # per-category reference banks drawn from the train split (visualad_hf/few_shot_evaluation.py)
         references = load_anomaly_dataset(
             args.dataset, args.data_dir, args.reference_split, args.categories, cache_dir=args.cache_dir, **options
