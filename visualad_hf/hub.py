@@ -310,6 +310,20 @@ def push_folder(
 
 
 @contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """No transformers "Loading weights" bar for a block: a command's own progress and one-line errors stay readable."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def quiet_transformers_logging() -> Iterator[None]:
     """Silence transformers' load reports (e.g. the expected "unexpected keys" of a CLIP text tower) for a block."""
     from transformers.utils import logging as hf_logging
@@ -330,6 +344,7 @@ __all__ = [
     "fsync_tree",
     "installed_contents",
     "is_disk_full",
+    "no_progress_bars",
     "push_folder",
     "quiet_transformers_logging",
     "recover_interrupted_contents_swap",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import BILINEAR, BackboneAdapter, BackboneCard
+from .base import BILINEAR, BackboneCard
+from .siglip import SiglipAdapter
 
 SIGLIP2_NAFLEX_CARD = BackboneCard(
     name="SigLIP2 NaFlex ViT-B/16",
@@ -22,10 +23,10 @@ SIGLIP2_NAFLEX_CARD = BackboneCard(
 )
 
 
-class Siglip2NaflexAdapter(BackboneAdapter):
+class Siglip2NaflexAdapter(SiglipAdapter):
     """`Siglip2VisionModel`: patches only, a learned position table resized per image by the backbone (bilinear,
     antialiased), final `post_layernorm`. The two tokens get the mean of the patch position embeddings (see
-    `SiglipAdapter`)."""
+    `SiglipAdapter`, whose layers, final norm and token position it shares)."""
 
     model_types = ("siglip2_vision_model",)
     container_model_types = ("siglip2",)
@@ -37,18 +38,6 @@ class Siglip2NaflexAdapter(BackboneAdapter):
     position_interpolations = ("backbone",)
     default_position_interpolation = "backbone"
 
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 0
-
-    def layers(self, backbone: nn.Module) -> nn.ModuleList:
-        return backbone.encoder.layers
-
-    def final_norm(self, backbone: nn.Module) -> nn.Module:
-        return backbone.post_layernorm
-
-    def token_position(self, backbone: nn.Module) -> torch.Tensor:
-        return backbone.embeddings.position_embedding.weight.mean(dim=0)
 
     def patchify(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(batch, rows*cols, patch*patch*channels)` patches in `Siglip2ImageProcessor`'s order, and the grid."""

@@ -10,12 +10,11 @@ training from where they stopped).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +22,7 @@ from typing import Any, Literal
 import torch
 
 from ..configuration_visualad import VisualADConfig
-from ..hub import push_folder, quiet_transformers_logging, staged_folder
+from ..hub import no_progress_bars, push_folder, quiet_transformers_logging, staged_folder
 from ..modeling_visualad import VisualADModel
 from .common import ConversionError, file_sha256, listing
 from .openai_clip import OPENAI_VIT_L14_336_SHA256, ClipBackbone, load_backbone
@@ -119,7 +118,7 @@ def convert_checkpoint(
         state_dict.update({f"backbone.{name}": tensor for name, tensor in backbone.final_layernorm().items()})
     state_dict = {name: tensor.to(dtype).contiguous() for name, tensor in state_dict.items()}
 
-    with quiet_transformers_logging(), _no_progress_bar():  # loading from memory: nothing to report
+    with quiet_transformers_logging(), no_progress_bars():  # loading from memory: nothing to report
         model, info = VisualADModel.from_pretrained(
             None, config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True
         )
@@ -128,19 +127,6 @@ def convert_checkpoint(
         raise RuntimeError(f"Converted weights did not load cleanly: {listing(problems)}")
     sha256, info = file_sha256(checkpoint_path), checkpoint_info(released)
     return ConvertedCheckpoint(model.eval(), backbone, checkpoint_path, sha256, info, final_layernorm)
-
-
-@contextlib.contextmanager
-def _no_progress_bar() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _check_against_model(

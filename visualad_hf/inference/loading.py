@@ -8,10 +8,8 @@ message names the input and the fix, instead of a transformers traceback ("Repo 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,7 +17,7 @@ import torch
 
 from ..data.layouts import is_image_file
 from ..errors import VisualADError
-from ..hub import quiet_transformers_logging
+from ..hub import no_progress_bars, quiet_transformers_logging
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 MODEL_FOLDER_HINT = (
@@ -189,20 +187,6 @@ def _hub_error(name: str, error: Exception) -> ModelLoadError:
     )
 
 
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """No "Loading weights" bar on a command's stderr: its own progress and its one-line errors stay readable."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 def load_model_for_inference(
     model: str | os.PathLike, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "float32"
 ) -> InferenceModel:
@@ -223,7 +207,7 @@ def load_model_for_inference(
     torch_dtype = resolve_dtype(dtype)
     source = check_model_source(model)
     local = Path(source).exists()
-    with quiet_transformers_logging(), _no_progress_bars():
+    with quiet_transformers_logging(), no_progress_bars():
         try:
             config = VisualADConfig.from_pretrained(source)
             if config.model_type != "visualad":
