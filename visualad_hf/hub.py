@@ -249,19 +249,24 @@ def remove_stale_staging(parent: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to `path` atomically (temporary file, fsync, rename)."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary sibling, fsync and rename: `path` is either absent, the old file
+    or the complete new one, never a truncated file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{STAGING_SUFFIX}")
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to `path` atomically (`write_bytes_atomic`)."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -353,5 +358,6 @@ __all__ = [
     "replace_path",
     "staged_contents",
     "staged_folder",
+    "write_bytes_atomic",
     "write_json",
 ]

@@ -14,6 +14,7 @@ argument, so the model's state dict (`backbone.*`) stays the backbone's own.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -66,7 +67,7 @@ class BackboneCard:
         return self.family.removesuffix(" ViT")
 
 
-class BackboneAdapter:
+class BackboneAdapter(ABC):
     """How VisualAD builds, runs and trains on one family of ViT backbones (see the module docstring).
 
     Subclasses set the class attributes and implement `layers`, `final_norm`, `embed` and `token_position`; the
@@ -147,12 +148,13 @@ class BackboneAdapter:
 
     # --- the backbone's parts --------------------------------------------------------------------------------------
 
+    @abstractmethod
     def layers(self, backbone: nn.Module) -> nn.ModuleList:
-        raise NotImplementedError
+        """The backbone's transformer layers, in order."""
 
+    @abstractmethod
     def final_norm(self, backbone: nn.Module) -> nn.Module | None:
         """The backbone's final norm, which VisualAD trains; None when the family has none (VisualAD adds one)."""
-        raise NotImplementedError
 
     def pre_norm(self, backbone: nn.Module) -> nn.Module | None:
         """A norm applied to the sequence before the first layer (CLIP's `pre_layrnorm`), if any."""
@@ -164,13 +166,13 @@ class BackboneAdapter:
 
     # --- running it -----------------------------------------------------------------------------------------------
 
+    @abstractmethod
     def embed(self, backbone: nn.Module, pixel_values: torch.Tensor, interpolation: str) -> torch.Tensor:
         """The backbone's input sequence `[prefix tokens, patches]` with its positions, before any pre-norm."""
-        raise NotImplementedError
 
+    @abstractmethod
     def token_position(self, backbone: nn.Module) -> torch.Tensor:
         """Position embedding `(hidden,)` the two VisualAD tokens get (SPEC §1: CLIP's CLS position)."""
-        raise NotImplementedError
 
     def layer_kwargs(self, backbone: nn.Module, pixel_values: torch.Tensor) -> dict[str, Any]:
         """Keyword arguments every layer needs for this input (e.g. RoPE tables); none for absolute positions."""

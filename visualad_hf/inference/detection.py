@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..hub import write_json
+from ..hub import write_bytes_atomic, write_json
 from ..visualization import ColourScale, map_value_bounds, render_panel
 from .inputs import InputFile, MissingInput, pillow_pixel_limit, score_files
 from .loading import WEIGHT_FILES
@@ -30,7 +30,6 @@ from .output_folder import (
     Journal,
     OutputFolderError,
     prepare_output_folder,
-    write_bytes_atomic,
 )
 
 RESULT_FIELDS = ("path", "status", "score", "is_anomalous", "threshold", "overlay", "error")

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Self
@@ -34,21 +33,6 @@ _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 
 class OutputFolderError(VisualADError):
     """An output folder that cannot be used as asked; the message says what to do."""
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary sibling, fsync and rename: `path` is either absent, the old file
-    or the complete new one, never a truncated file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def remove_temporary_files(folder: Path, subfolders: Iterable[str] = ()) -> list[Path]:
@@ -257,5 +241,4 @@ __all__ = [
     "OutputFolderError",
     "prepare_output_folder",
     "remove_temporary_files",
-    "write_bytes_atomic",
 ]
